@@ -1,0 +1,52 @@
+"""Size and depth limits that depend on settings, checked after schema validation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chatsessions.config import Settings
+from chatsessions.errors import InvalidInput
+from chatsessions.models import MessageCreate, SessionCreate, SessionPatch
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value: scalars 0, `{}` and `[]` 1."""
+    depth = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in node)
+    return depth
+
+
+def check_json(value: Any, settings: Settings, loc: tuple[str | int, ...]) -> None:
+    if value is None:
+        return
+    if json_depth(value) > settings.max_json_depth:
+        raise InvalidInput(f"{loc[-1]} is nested deeper than {settings.max_json_depth} levels", loc=loc)
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > settings.max_json_bytes:
+        raise InvalidInput(f"{loc[-1]} takes {size} bytes; at most {settings.max_json_bytes} are allowed", loc=loc)
+
+
+def check_messages(messages: list[MessageCreate], settings: Settings, loc: tuple[str | int, ...]) -> None:
+    limit = settings.max_content_bytes
+    for i, message in enumerate(messages):
+        where = (*loc, i) if len(messages) > 1 or loc[-1] == "messages" else loc
+        # A str of n code points takes at most 4n UTF-8 bytes: encode only when it might be over.
+        if len(message.content) * 4 > limit and len(message.content.encode()) > limit:
+            raise InvalidInput(f"content is larger than {limit} bytes", loc=(*where, "content"))
+        check_json(message.metadata, settings, (*where, "metadata"))
+        check_json(message.references, settings, (*where, "references"))
+
+
+def check_session_fields(data: SessionCreate | SessionPatch, settings: Settings) -> None:
+    settings_value = data.settings.model_dump(exclude_unset=True) if isinstance(data, SessionCreate) else data.settings
+    check_json(settings_value, settings, ("body", "settings"))
+    check_json(data.metadata, settings, ("body", "metadata"))

@@ -1,0 +1,48 @@
+"""Settings, read from `CHATSESSIONS_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StoreKind(StrEnum):
+    file = "file"
+    memory = "memory"
+    postgres = "postgres"
+
+
+class FsyncMode(StrEnum):
+    always = "always"
+    never = "never"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. The README's configuration table lists them all."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATSESSIONS_", extra="ignore")
+
+    store: StoreKind = Field(StoreKind.file, description="Storage backend: file, memory or postgres.")
+    data_dir: Path = Field(Path("sessions"), description="Directory of the file store.")
+    host: str = Field("127.0.0.1", description="Address `chatsessions serve` binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `chatsessions serve` listens on.")
+    fsync: FsyncMode = Field(FsyncMode.always, description="always: acknowledge after fsync; never: leave it to the OS.")
+    cache_sessions: int = Field(10_000, ge=1, description="File store: most sessions kept in memory.")
+    cache_bytes: int = Field(256 * 2**20, ge=1, description="File store: most bytes of session state kept in memory.")
+    wal_segment_bytes: int = Field(
+        64 * 2**20, ge=4096, description="File store: write-ahead log size that triggers a checkpoint."
+    )
+    max_body_bytes: int = Field(4 * 2**20, ge=1, description="Largest request body; 413 beyond.")
+    max_content_bytes: int = Field(2**20, ge=1, description="Largest message content (UTF-8 bytes); 422 beyond.")
+    max_json_bytes: int = Field(
+        64 * 2**10, ge=1, description="Largest metadata, references or settings object (serialised); 422 beyond."
+    )
+    max_json_depth: int = Field(32, ge=1, description="Deepest nesting of metadata, references or settings.")
+    max_page_messages: int = Field(1000, ge=1, description="Largest `limit` of a message page.")
+    max_page_sessions: int = Field(100, ge=1, description="Largest `limit` of a session listing.")
+    idempotency_ttl_seconds: float = Field(86_400.0, ge=1, description="How long Idempotency-Keys are kept.")
+    postgres_dsn: str | None = Field(None, description="PostgreSQL DSN, for store=postgres.")
+    log_level: str = Field("info", description="Log level of the service.")

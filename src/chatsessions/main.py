@@ -1,0 +1,101 @@
+"""Application factory: `create_app(settings)`; the lifespan owns the repository."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypedDict
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from chatsessions import __version__
+from chatsessions.api import health
+from chatsessions.api.docs import install_docs
+from chatsessions.api.messages import build_messages_router
+from chatsessions.api.middleware import BodyLimitMiddleware
+from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
+from chatsessions.api.sessions import build_sessions_router
+from chatsessions.config import Settings, StoreKind
+from chatsessions.storage.base import SessionRepository
+
+log = logging.getLogger("chatsessions")
+
+
+class State(TypedDict):
+    repository: SessionRepository
+    settings: Settings
+
+
+async def build_repository(settings: Settings) -> SessionRepository:
+    """Open the backend that `settings.store` names."""
+    if settings.store is StoreKind.memory:
+        from chatsessions.storage.memory import MemorySessionRepository
+
+        return MemorySessionRepository(idempotency_ttl=settings.idempotency_ttl_seconds)
+    if settings.store is StoreKind.file:
+        from chatsessions.storage.file import FileSessionRepository
+
+        return await FileSessionRepository.open(settings)
+    from chatsessions.storage.postgres import PostgresSessionRepository
+
+    return await PostgresSessionRepository.open(settings)
+
+
+def _problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """OpenAPI with every error answer typed as application/problem+json."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+            tags=app.openapi_tags,
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status[0] in "45" and "application/json" in content:
+                        content[PROBLEM_JSON] = content.pop("application/json")
+                        response["content"] = content
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service; nothing is opened until the lifespan starts."""
+    resolved = settings if settings is not None else Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        repository = await build_repository(resolved)
+        log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
+        try:
+            yield {"repository": repository, "settings": resolved}
+        finally:
+            await repository.aclose()
+
+    app = FastAPI(
+        title="chatsessions",
+        version=__version__,
+        description="Chat-session history for LLM and RAG applications: sessions, append-only messages, "
+        "idempotent appends, optimistic concurrency. Errors are RFC 9457 problem+json.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_tags=[
+            {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
+            {"name": "messages", "description": "Append to and page through a session's history."},
+            {"name": "health", "description": "Probes for orchestrators."},
+        ],
+    )
+    install_problem_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
+    app.include_router(build_sessions_router(resolved))
+    app.include_router(build_messages_router(resolved))
+    app.include_router(health.router)
+    install_docs(app)
+    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,260 @@
+"""Domain types shared by the storage backends and the HTTP API.
+
+Nothing here imports FastAPI or touches the disk. The response models double
+as the HTTP response schemas, so a backend can render the exact answer that a
+replayed idempotent request must return.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
+DEFAULT_TENANT = "default"
+
+SessionId = Annotated[str, StringConstraints(pattern=SESSION_ID_PATTERN)]
+# Free-text link fields; bounded so that one session head stays small.
+LinkField = Annotated[str, StringConstraints(max_length=1024)]
+JsonObject = dict[str, JsonValue]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Role(StrEnum):
+    system = "system"
+    user = "user"
+    assistant = "assistant"
+    tool = "tool"
+
+
+class Order(StrEnum):
+    asc = "asc"
+    desc = "desc"
+
+
+class SessionSettings(BaseModel):
+    """Model settings of a chat session; keys beyond these three are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    mode: str | None = None
+    options: JsonObject | None = None
+
+
+# --- inputs ---------------------------------------------------------------
+
+
+class SessionCreate(BaseModel):
+    """Body of `POST /v1/sessions` and `PUT /v1/sessions/{id}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: SessionId | None = Field(
+        default=None, description="Client-chosen id; a UUID4 is made when absent."
+    )
+    user_id: LinkField | None = None
+    document_id: LinkField | None = None
+    section_id: LinkField | None = None
+    title: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    settings: SessionSettings = Field(default_factory=SessionSettings)
+    metadata: JsonObject = Field(default_factory=dict)
+
+
+class SessionPatch(BaseModel):
+    """JSON Merge Patch (RFC 7396) of the mutable session fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: LinkField | None = None
+    document_id: LinkField | None = None
+    section_id: LinkField | None = None
+    title: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    settings: JsonObject | None = None
+    metadata: JsonObject | None = None
+
+
+class MessageCreate(BaseModel):
+    """One message to append."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str
+    metadata: JsonObject | None = None
+    references: list[JsonObject] | None = None
+
+
+class MessageBatchCreate(BaseModel):
+    """Body of `POST /v1/sessions/{id}/messages/batch`: appended all or nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: Annotated[list[MessageCreate], Field(min_length=1, max_length=100)]
+
+
+# --- outputs --------------------------------------------------------------
+
+
+class Session(BaseModel):
+    id: str
+    user_id: str | None = None
+    document_id: str | None = None
+    section_id: str | None = None
+    title: str | None = None
+    settings: SessionSettings = Field(default_factory=SessionSettings)
+    metadata: JsonObject = Field(default_factory=dict)
+    message_count: int = 0
+    last_seq: int = 0
+    version: int = 1
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+class Message(BaseModel):
+    seq: int
+    role: Role
+    content: str
+    created_at: datetime
+    metadata: JsonObject | None = None
+    references: list[JsonObject] | None = None
+
+
+class SessionPage(BaseModel):
+    items: list[Session]
+    next_cursor: str | None = None
+
+
+class MessagePage(BaseModel):
+    items: list[Message]
+    has_more: bool
+
+
+class MessageBatch(BaseModel):
+    items: list[Message]
+
+
+# --- conditions, queries, idempotency --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """A parsed `If-Match` header: `*`, or a set of strong entity tags."""
+
+    any: bool = False
+    versions: frozenset[int] = frozenset()
+
+    def holds(self, version: int) -> bool:
+        return self.any or version in self.versions
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFilter:
+    user_id: str | None = None
+    document_id: str | None = None
+    section_id: str | None = None
+
+    def matches(self, *, user_id: str | None, document_id: str | None, section_id: str | None) -> bool:
+        return (
+            (self.user_id is None or self.user_id == user_id)
+            and (self.document_id is None or self.document_id == document_id)
+            and (self.section_id is None or self.section_id == section_id)
+        )
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SessionCursor:
+    """Position after the last session of a page: newest `updated_at` first, then id."""
+
+    updated_at: datetime
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionListing:
+    items: list[Session]
+    next_cursor: SessionCursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    after: int | None = None
+    before: int | None = None
+    limit: int = 100
+    order: Order = Order.asc
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """An answer kept under an `Idempotency-Key` and replayed byte for byte."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "body": self.body.decode(), "headers": self.headers}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoredResponse:
+        return cls(status=int(data["status"]), body=str(data["body"]).encode(), headers=dict(data["headers"]))
+
+
+Renderer = Callable[[Session, list[Message]], StoredResponse]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRequest:
+    """What a mutating call needs to store its answer atomically with its change.
+
+    `render` turns the call's result into the HTTP answer; the backend stores
+    that answer in the same durable step as the change, so a retry after a
+    crash either finds both or neither.
+    """
+
+    key: str
+    fingerprint: str
+    render: Renderer = field(compare=False)
+
+
+def apply_merge_patch(target: JsonValue, patch: JsonValue) -> JsonValue:
+    """RFC 7396 JSON Merge Patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result: dict[str, JsonValue] = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = apply_merge_patch(result.get(key), value)
+    return result
+
+
+def patch_session(session: Session, patch: dict[str, JsonValue], *, now: datetime) -> Session:
+    """Apply a validated merge patch to a session; bumps version and `updated_at`."""
+    data = session.model_dump(mode="json")
+    for key in ("user_id", "document_id", "section_id", "title"):
+        if key in patch:
+            data[key] = patch[key]
+    for key in ("settings", "metadata"):
+        if key in patch:
+            # `null` removes the member; for these two objects that means "reset to {}".
+            data[key] = apply_merge_patch(data[key], patch[key]) if patch[key] is not None else {}
+    data["version"] = session.version + 1
+    data["updated_at"] = now
+    return Session.model_validate(data)
+

@@ -1,0 +1,150 @@
+"""The contract every storage backend keeps.
+
+Every method takes the tenant first: session ids are scoped per tenant, and a
+backend never lets one tenant see, change or detect another's sessions (it
+raises `SessionNotFound`, exactly as for a missing id).
+
+Backends raise only the domain errors of `chatsessions.errors`; they never
+import FastAPI. Mutations are atomic: a call either applies completely (and
+durably, as far as the backend promises durability) or raises and changes
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from chatsessions.models import (
+    IdempotencyRequest,
+    Message,
+    MessageCreate,
+    MessageQuery,
+    Precondition,
+    Session,
+    SessionCreate,
+    SessionCursor,
+    SessionFilter,
+    SessionListing,
+    SessionPatch,
+    StoredResponse,
+)
+
+
+class SessionRepository(Protocol):
+    """Chat sessions and their append-only message logs."""
+
+    async def create_session(
+        self, tenant: str, data: SessionCreate, *, idempotency: IdempotencyRequest | None = None
+    ) -> Session:
+        """Create a session (`data.id`, or a fresh UUID4 when absent).
+
+        Raises:
+            SessionExists: the tenant already has a session with that id.
+        """
+        ...
+
+    async def get_or_create_session(self, tenant: str, session_id: str, data: SessionCreate) -> tuple[Session, bool]:
+        """Return the session, creating it from `data` when missing.
+
+        Atomic: of N racing callers exactly one gets `created=True`.
+
+        Returns:
+            The session and whether this call created it.
+        """
+        ...
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        """The session, or None when the tenant has none with that id."""
+        ...
+
+    async def list_sessions(
+        self, tenant: str, *, filters: SessionFilter, limit: int, cursor: SessionCursor | None
+    ) -> SessionListing:
+        """Sessions newest `updated_at` first (ties by id), strictly after `cursor`."""
+        ...
+
+    async def patch_session(
+        self, tenant: str, session_id: str, patch: SessionPatch, *, if_match: Precondition | None = None
+    ) -> Session:
+        """Apply a JSON Merge Patch; only the fields set in `patch` take part.
+
+        Raises:
+            SessionNotFound, PreconditionFailed.
+        """
+        ...
+
+    async def delete_session(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> None:
+        """Delete a session and its messages.
+
+        Raises:
+            SessionNotFound, PreconditionFailed.
+        """
+        ...
+
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageCreate],
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, list[Message]]:
+        """Append messages as one change (one version step), all or nothing.
+
+        Appends to one session are serialised: seqs follow acknowledgement order.
+
+        Raises:
+            SessionNotFound, PreconditionFailed, StorageFull, StorageUnavailable.
+        """
+        ...
+
+    async def list_messages(self, tenant: str, session_id: str, query: MessageQuery) -> tuple[list[Message], bool]:
+        """A page of messages and whether more lie beyond it in the same direction.
+
+        Raises:
+            SessionNotFound.
+        """
+        ...
+
+    async def get_message(self, tenant: str, session_id: str, seq: int) -> Message:
+        """One message.
+
+        Raises:
+            SessionNotFound, MessageNotFound.
+        """
+        ...
+
+    async def clear_messages(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> Session:
+        """Drop every message; the session stays and `last_seq` is kept.
+
+        Raises:
+            SessionNotFound, PreconditionFailed.
+        """
+        ...
+
+    async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:
+        """Claim an Idempotency-Key, or return the answer stored under it.
+
+        Returns:
+            The stored answer to replay, or None when the caller now holds the
+            key and must finish it with `idempotency_finish` (or pass it to a
+            mutating call, which stores its answer with the change).
+
+        Raises:
+            IdempotencyInProgress: another request holds the key.
+            IdempotencyKeyReused: the key was used with another fingerprint.
+        """
+        ...
+
+    async def idempotency_finish(self, tenant: str, key: str, response: StoredResponse | None) -> None:
+        """Store the answer of a claimed key, or release the claim (None: a 5xx)."""
+        ...
+
+    async def check_ready(self) -> None:
+        """Raise StorageUnavailable unless the backend can serve writes now."""
+        ...
+
+    async def aclose(self) -> None:
+        """Flush and release every resource; the repository is unusable afterwards."""
+        ...
