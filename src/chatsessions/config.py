@@ -45,4 +45,13 @@ class Settings(BaseSettings):
     max_page_sessions: int = Field(100, ge=1, description="Largest `limit` of a session listing.")
     idempotency_ttl_seconds: float = Field(86_400.0, ge=1, description="How long Idempotency-Keys are kept.")
     postgres_dsn: str | None = Field(None, description="PostgreSQL DSN, for store=postgres.")
+    postgres_schema: str = Field(
+        "chatsessions", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="PostgreSQL schema that holds the tables."
+    )
+    postgres_pool_min: int = Field(1, ge=0, description="PostgreSQL pool: connections kept open.")
+    postgres_pool_max: int = Field(10, ge=1, description="PostgreSQL pool: most connections.")
+    postgres_timeout_seconds: float = Field(
+        5.0, gt=0, description="PostgreSQL: connect and statement timeout; 503 beyond."
+    )
+    keys_file: Path | None = Field(None, description="API keys file (hashes only); unset: open mode, tenant default.")
     log_level: str = Field("info", description="Log level of the service.")
