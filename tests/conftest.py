@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import pytest_asyncio
 from asgi_lifespan import LifespanManager
 
 from chatsessions.config import Settings, StoreKind
@@ -48,7 +49,7 @@ async def drop_postgres_schema(settings: Settings) -> None:
         await conn.close()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest_asyncio.fixture(params=BACKENDS)
 async def repository(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionRepository]:
     settings = make_settings(request.param, tmp_path)
     repo = await build_repository(settings)
@@ -65,7 +66,7 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings("file", tmp_path)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with (

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("sessions"), description="Directory of the file store.")
     host: str = Field("127.0.0.1", description="Address `chatsessions serve` binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port `chatsessions serve` listens on.")
-    fsync: FsyncMode = Field(FsyncMode.always, description="always: acknowledge after fsync; never: leave it to the OS.")
+    fsync: FsyncMode = Field(
+        FsyncMode.always, description="always: acknowledge after fsync; never: leave it to the OS."
+    )
     cache_sessions: int = Field(10_000, ge=1, description="File store: most sessions kept in memory.")
     cache_bytes: int = Field(256 * 2**20, ge=1, description="File store: most bytes of session state kept in memory.")
     wal_segment_bytes: int = Field(
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
         64 * 2**10, ge=1, description="Largest metadata, references or settings object (serialised); 422 beyond."
     )
     max_json_depth: int = Field(32, ge=1, description="Deepest nesting of metadata, references or settings.")
+    max_json_keys: int = Field(
+        1000, ge=1, description="Most members of one object in metadata, references or settings; 422 beyond."
+    )
     max_page_messages: int = Field(1000, ge=1, description="Largest `limit` of a message page.")
     max_page_sessions: int = Field(100, ge=1, description="Largest `limit` of a session listing.")
     idempotency_ttl_seconds: float = Field(86_400.0, ge=1, description="How long Idempotency-Keys are kept.")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, Header, Request
@@ -17,6 +18,7 @@ from chatsessions.config import Settings
 from chatsessions.errors import ChatSessionsError
 from chatsessions.models import DEFAULT_TENANT, IdempotencyRequest, Precondition, Renderer, StoredResponse
 from chatsessions.storage.base import SessionRepository
+
 
 async def get_repository(request: Request) -> SessionRepository:
     return cast(SessionRepository, request.state.repository)
@@ -39,8 +41,7 @@ async def parse_if_match(
     if_match: Annotated[
         str | None,
         Header(
-            description='Strong ETag of the session version the change applies to (e.g. `"7"`), or `*`. '
-            "412 when stale."
+            description='Strong ETag of the session version the change applies to (e.g. `"7"`), or `*`. 412 when stale.'
         ),
     ] = None,
 ) -> Precondition | None:
@@ -73,6 +74,13 @@ def _reject_constant(name: str) -> Any:
     raise HTTPException(400, f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HTTPException(400, f"the number {text[:40]} is too large for a double")
+    return value
+
+
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -85,13 +93,18 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_strict_json(body: bytes) -> Any:
-    """RFC 8259 JSON only: UTF-8, no NaN/Infinity, no duplicate keys."""
+    """RFC 8259 JSON only: UTF-8, no NaN/Infinity (nor numbers that overflow to it), no duplicate keys."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise HTTPException(400, "the body is not valid UTF-8") from exc
     try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_object_without_duplicates,
+        )
     except RecursionError as exc:
         raise HTTPException(422, "the body is nested too deeply") from exc
 
@@ -111,7 +124,7 @@ def _is_json(content_type: str) -> bool:
 class JSONRoute(APIRoute):
     """Parses bodies strictly and answers 415 to a body that is not JSON."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         takes_body = self.body_field is not None
 

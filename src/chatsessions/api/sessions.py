@@ -1,6 +1,5 @@
 """Routes under /v1/sessions that act on sessions as a whole."""
 
-
 import base64
 import binascii
 import json
@@ -107,7 +106,10 @@ def build_sessions_router(settings: Settings) -> APIRouter:
     @router.put(
         "/{session_id}",
         response_model=Session,
-        responses={201: {"model": Session, "description": "Created"}, **problem_responses(400, 413, 415, 422, 503, 507)},
+        responses={
+            201: {"model": Session, "description": "Created"},
+            **problem_responses(400, 413, 415, 422, 503, 507),
+        },
     )
     async def put_session(
         session_id: SessionIdPath,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from chatsessions.models import (
     Message,
@@ -15,6 +15,8 @@ from chatsessions.models import (
     SessionCursor,
     SessionSettings,
 )
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def new_session(data: SessionCreate, *, session_id: str | None = None, now: datetime) -> Session:
@@ -81,9 +83,17 @@ def page_range(query: MessageQuery, *, first_seq: int, last_seq: int) -> tuple[r
     return range(hi, start - 1, -1), start > lo
 
 
-def listing_key(updated_at: datetime, session_id: str) -> tuple[float, str]:
-    """Sort key for session listings: newest first, then id."""
-    return (-updated_at.timestamp(), session_id)
+def to_us(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def from_us(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+def listing_key(updated_at: datetime, session_id: str) -> tuple[int, str]:
+    """Sort key for session listings: newest first, then id (exact, in microseconds)."""
+    return (-to_us(updated_at), session_id)
 
 
 def is_after_cursor(cursor: SessionCursor | None, updated_at: datetime, session_id: str) -> bool:

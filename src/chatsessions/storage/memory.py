@@ -54,7 +54,9 @@ class MemorySessionRepository:
             raise PreconditionFailed(session_id, entry.session.version)
         return entry
 
-    def _finish(self, tenant: str, idempotency: IdempotencyRequest | None, session: Session, messages: list[Message]) -> None:
+    def _finish(
+        self, tenant: str, idempotency: IdempotencyRequest | None, session: Session, messages: list[Message]
+    ) -> None:
         if idempotency is not None:
             self._idempotency.finish(tenant, idempotency.key, idempotency.render(session, messages))
 

@@ -1,0 +1,260 @@
+"""What only the file store has: restart, crash recovery, torn tails, corruption, the lock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from chatsessions.config import Settings
+from chatsessions.errors import StorageCorrupted, StorageLocked
+from chatsessions.models import MessageCreate, MessageQuery, Order, Role, SessionCreate, SessionPatch
+from chatsessions.storage import records
+from chatsessions.storage.file import FileSessionRepository, scan_log, session_file_name
+from chatsessions.storage.vfs import FileSystem
+
+T = "default"
+
+
+def settings_for(data_dir: Path, **overrides: object) -> Settings:
+    return Settings.model_validate({"store": "file", "data_dir": data_dir, **overrides})
+
+
+@pytest_asyncio.fixture
+async def repo(tmp_path: Path) -> AsyncIterator[FileSessionRepository]:
+    repository = await FileSessionRepository.open(settings_for(tmp_path / "data"))
+    try:
+        yield repository
+    finally:
+        await repository.aclose()
+
+
+def msg(text: str) -> MessageCreate:
+    return MessageCreate(role=Role.user, content=text)
+
+
+async def contents(repository: FileSessionRepository, session_id: str) -> list[str]:
+    items, _ = await repository.list_messages(T, session_id, MessageQuery(limit=1000))
+    return [m.content for m in items]
+
+
+def crash_copy(data_dir: Path, target: Path) -> Path:
+    """What a kill -9 leaves: the files as the page cache has them, minus the lock."""
+    shutil.copytree(data_dir, target)
+    return target
+
+
+def session_log(data_dir: Path, session_id: str) -> Path:
+    name = session_file_name(T, session_id)
+    return data_dir / "s" / name[:2] / f"{name}.log"
+
+
+@pytest.mark.asyncio
+async def test_restart_keeps_everything(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = await FileSessionRepository.open(settings_for(data))
+    await first.create_session(T, SessionCreate(id="s1", title="hello", metadata={"k": [1, 2]}))
+    await first.append_messages(T, "s1", [msg(f"m{i}") for i in range(5)])
+    await first.patch_session(T, "s1", SessionPatch(title="changed", metadata={"k": None, "n": 1}))
+    await first.create_session(T, SessionCreate(id="gone"))
+    await first.delete_session(T, "gone")
+    before = await first.get_session(T, "s1")
+    await first.aclose()
+
+    second = await FileSessionRepository.open(settings_for(data))
+    try:
+        assert await second.get_session(T, "s1") == before
+        assert await second.get_session(T, "gone") is None
+        assert await contents(second, "s1") == [f"m{i}" for i in range(5)]
+        _, added = await second.append_messages(T, "s1", [msg("next")])
+        assert added[0].seq == 6
+    finally:
+        await second.aclose()
+
+
+@pytest.mark.asyncio
+async def test_crash_replays_the_write_ahead_log(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    live = await FileSessionRepository.open(settings_for(data))
+    try:
+        await live.create_session(T, SessionCreate(id="s1"))
+        await asyncio.gather(*(live.append_messages(T, "s1", [msg(f"m{i}")]) for i in range(40)))
+        await live.clear_messages(T, "s1")
+        await live.append_messages(T, "s1", [msg("after clear")])
+        expected = await live.get_session(T, "s1")
+        copy = crash_copy(data, tmp_path / "crashed")
+    finally:
+        await live.aclose()
+    # The session log is behind the WAL by any amount: cut it back to its first record.
+    log_path = session_log(copy, "s1")
+    first_record = records.decode(log_path.read_bytes())[0][0]
+    os.truncate(log_path, first_record.end)
+    recovered = await FileSessionRepository.open(settings_for(copy))
+    try:
+        assert await recovered.get_session(T, "s1") == expected
+        assert await contents(recovered, "s1") == ["after clear"]
+    finally:
+        await recovered.aclose()
+
+
+@pytest.mark.asyncio
+async def test_torn_session_log_at_every_offset_loads_the_prefix(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    live = await FileSessionRepository.open(settings_for(data))
+    await live.create_session(T, SessionCreate(id="s1"))
+    for i in range(3):
+        await live.append_messages(T, "s1", [msg(f"m{i}")])
+    await live.aclose()
+    log_bytes = session_log(data, "s1").read_bytes()
+    ends = [r.end for r in records.decode(log_bytes)[0]]
+    for cut in range(ends[0], len(log_bytes)):
+        copy = tmp_path / f"cut{cut}"
+        shutil.copytree(data, copy)
+        # No checkpoint and no WAL: the session log alone is the truth.
+        (copy / "catalog.json").unlink()
+        shutil.rmtree(copy / "wal")
+        os.truncate(session_log(copy, "s1"), cut)
+        repository = await FileSessionRepository.open(settings_for(copy))
+        try:
+            complete = sum(1 for end in ends[1:] if end <= cut)
+            assert await contents(repository, "s1") == [f"m{i}" for i in range(complete)]
+            session = await repository.get_session(T, "s1")
+            assert session is not None
+            assert session.version == 1 + complete
+        finally:
+            await repository.aclose()
+        shutil.rmtree(copy)
+
+
+def test_torn_tail_decodes_to_the_prefix_at_every_offset() -> None:
+    frames = [records.encode(records.Kind.MESSAGES, version=i, seq=i, count=1, body=b"x" * i) for i in range(1, 6)]
+    log_bytes = b"".join(frames)
+    for cut in range(len(log_bytes) + 1):
+        recs, end = records.decode(log_bytes[:cut])
+        assert [r.version for r in recs] == [i for i in range(1, 6) if sum(map(len, frames[:i])) <= cut]
+        assert end == sum(map(len, frames[: len(recs)]))
+
+
+def test_corruption_in_the_middle_is_reported() -> None:
+    frames = [records.encode(records.Kind.MESSAGES, version=i, seq=i, count=1, body=b"y" * 20) for i in range(1, 6)]
+    log_bytes = bytearray(b"".join(frames))
+    log_bytes[len(frames[0]) + 12] ^= 0x40  # a bit in the second record
+    with pytest.raises(records.Corrupted):
+        records.decode(bytes(log_bytes))
+    assert scan_log(b"") is None
+
+
+@pytest.mark.asyncio
+async def test_corrupt_session_answers_unavailable_not_garbage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    live = await FileSessionRepository.open(settings_for(data))
+    await live.create_session(T, SessionCreate(id="s1"))
+    await live.create_session(T, SessionCreate(id="s2"))
+    for i in range(4):
+        await live.append_messages(T, "s1", [msg(f"m{i}")])
+    await live.append_messages(T, "s2", [msg("fine")])
+    await live.aclose()
+    path = session_log(data, "s1")
+    raw = bytearray(path.read_bytes())
+    second = records.decode(bytes(raw))[0][1]
+    raw[second.offset + 20] ^= 0x01
+    path.write_bytes(bytes(raw))
+    repository = await FileSessionRepository.open(settings_for(data))
+    try:
+        with pytest.raises(StorageCorrupted):
+            await repository.list_messages(T, "s1", MessageQuery())
+        with pytest.raises(StorageCorrupted):
+            await repository.append_messages(T, "s1", [msg("more")])
+        assert await contents(repository, "s2") == ["fine"]
+    finally:
+        await repository.aclose()
+
+
+@pytest.mark.asyncio
+async def test_second_open_of_a_data_dir_is_refused(repo: FileSessionRepository, tmp_path: Path) -> None:
+    with pytest.raises(StorageLocked, match="locked by another chatsessions process"):
+        await FileSessionRepository.open(settings_for(tmp_path / "data"))
+
+
+class CountingFileSystem(FileSystem):
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        self.reads += 1
+        return super().pread(fd, size, offset)
+
+    def read_file(self, path: Path) -> bytes:
+        self.reads += 1
+        return super().read_file(path)
+
+
+@pytest.mark.asyncio
+async def test_append_never_reads_history(tmp_path: Path) -> None:
+    fs = CountingFileSystem()
+    repository = await FileSessionRepository.open(settings_for(tmp_path / "data"), fs=fs)
+    try:
+        await repository.create_session(T, SessionCreate(id="s1"))
+        await repository.append_messages(T, "s1", [msg(f"m{i}") for i in range(100)])
+        fs.reads = 0
+        for i in range(50):
+            await repository.append_messages(T, "s1", [msg(f"n{i}")])
+        assert fs.reads == 0
+        # Reads of the tail after the index is warm read only the tail.
+        await repository.list_messages(T, "s1", MessageQuery(limit=5, order=Order.desc))
+        fs.reads = 0
+        items, more = await repository.list_messages(T, "s1", MessageQuery(limit=5, order=Order.desc))
+        assert [m.seq for m in items] == [150, 149, 148, 147, 146]
+        assert more
+        assert fs.reads == 1
+    finally:
+        await repository.aclose()
+
+
+@pytest.mark.asyncio
+async def test_cache_stays_within_its_bounds(tmp_path: Path) -> None:
+    repository = await FileSessionRepository.open(settings_for(tmp_path / "data", cache_sessions=5))
+    try:
+        for i in range(20):
+            await repository.create_session(T, SessionCreate(id=f"s{i}"))
+            await repository.append_messages(T, f"s{i}", [msg("x")])
+            await repository.list_messages(T, f"s{i}", MessageQuery())
+        assert repository.stats()["cached"] == 5
+        assert await contents(repository, "s0") == ["x"]  # evicted, reloaded on demand
+        assert repository.stats()["locks"] == 0
+    finally:
+        await repository.aclose()
+
+
+@pytest.mark.asyncio
+async def test_checkpoints_rotate_the_write_ahead_log(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    repository = await FileSessionRepository.open(settings_for(data, wal_segment_bytes=4096))
+    await repository.create_session(T, SessionCreate(id="s1"))
+    for i in range(200):
+        await repository.append_messages(T, "s1", [msg(f"m{i:03d}" + "z" * 50)])
+    await asyncio.sleep(0.1)
+    segments = os.listdir(data / "wal")
+    await repository.aclose()
+    assert len(segments) <= 2
+    reopened = await FileSessionRepository.open(settings_for(data))
+    try:
+        assert len(await contents(reopened, "s1")) == 200
+    finally:
+        await reopened.aclose()
+
+
+@pytest.mark.asyncio
+async def test_file_names_stay_inside_the_data_dir(repo: FileSessionRepository, tmp_path: Path) -> None:
+    for tricky in ["CON", "con", "Con", "a-b_c", "x" * 128]:
+        await repo.create_session(T, SessionCreate(id=tricky))
+    names = {session_file_name(T, s) for s in ["CON", "con", "Con"]}
+    assert len(names) == 3
+    assert all(name == name.lower() and len(name) == 32 for name in names)
+    for path in (tmp_path / "data").rglob("*"):
+        assert path.resolve().is_relative_to((tmp_path / "data").resolve())
