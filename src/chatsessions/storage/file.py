@@ -367,10 +367,9 @@ def split_wal_entry(payload: memoryview) -> tuple[str, bytes, bytes]:
 
 @dataclass(slots=True)
 class Checkpoint:
-    segments: list[int]  # WAL segments the checkpoint makes redundant
     files: set[str]  # session logs written since the last checkpoint
     dirs: set[str]  # shard directories whose entries changed
-    next_segment: int  # first segment to replay after this checkpoint
+    next_segment: int  # first segment to replay after this checkpoint; older ones go
 
 
 class FileSessionRepository:
@@ -485,7 +484,7 @@ class FileSessionRepository:
             self._reconcile(skip=touched.keys())
         self._wal_segment = (segments[-1] if segments else 0) + 1
         self._open_segment()
-        plan = Checkpoint(segments, set(touched), {f[:2] for f in touched}, self._wal_segment)
+        plan = Checkpoint(set(touched), {f[:2] for f in touched}, self._wal_segment)
         self._checkpoint(plan, self._catalog_rows(clean=False))
 
     def _remove_temp_files(self) -> None:
@@ -649,9 +648,14 @@ class FileSessionRepository:
 
     def _open_segment(self) -> None:
         path = self._segment_path(self._wal_segment)
-        self._wal_fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        self._wal_size = self._fs.size(self._wal_fd)
-        self._fs.fsync_dir(self._wal_dir)
+        fd = self._fs.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            self._fs.fsync_dir(self._wal_dir)
+            self._wal_size = self._fs.size(fd)
+        except OSError:
+            self._fs.close(fd)
+            raise
+        self._wal_fd = fd
 
     def _session_fd(self, fname: str, *, create: bool) -> int:
         fd = self._fds.get(fname)
@@ -750,14 +754,19 @@ class FileSessionRepository:
 
     def _rotate(self) -> Checkpoint:
         """Start a new WAL segment; what the old ones cover must reach the session logs."""
-        old = self._wal_segment
+        old_fd = self._wal_fd
+        self._wal_segment += 1
+        try:
+            self._open_segment()
+        except OSError:
+            self._wal_segment -= 1
+            self._wal_fd = old_fd
+            raise
+        if old_fd >= 0:
+            self._fs.close(old_fd)
         files, dirs = self._dirty_files, self._dirty_dirs
         self._dirty_files, self._dirty_dirs = set(), set()
-        if self._wal_fd >= 0:
-            self._fs.close(self._wal_fd)
-        self._wal_segment += 1
-        self._open_segment()
-        return Checkpoint(list(range(1, old + 1)), files, dirs, self._wal_segment)
+        return Checkpoint(files, dirs, self._wal_segment)
 
     def _checkpoint(self, plan: Checkpoint, rows: dict[str, Any]) -> None:
         """Make the session logs durable, then the catalog, then drop covered WAL segments."""
@@ -786,9 +795,9 @@ class FileSessionRepository:
             fs.close(fd)
         fs.rename(temp, path)
         fs.fsync_dir(self._dir)
-        for number in plan.segments:
-            if number < plan.next_segment and fs.exists(self._segment_path(number)):
-                fs.unlink(self._segment_path(number))
+        for name in fs.listdir(self._wal_dir):
+            if name.endswith(".wal") and int(name.split(".")[0]) < plan.next_segment:
+                fs.unlink(self._wal_dir / name)
         fs.fsync_dir(self._wal_dir)
 
     # --- event loop side of the writer -------------------------------------
@@ -803,6 +812,9 @@ class FileSessionRepository:
                 try:
                     await loop.run_in_executor(self._executor, self._commit, batch)
                 except Exception as exc:
+                    if not isinstance(exc, StorageUnavailable | StorageFull):
+                        log.exception("write failed unexpectedly")
+                        exc = StorageUnavailable(f"write failed: {exc}")
                     for op in batch:
                         assert op.future is not None
                         if not op.future.done():
@@ -814,8 +826,12 @@ class FileSessionRepository:
                     if not op.future.done():
                         op.future.set_result(None)
                 if self._wal_size >= self._settings.wal_segment_bytes and self._checkpoint_task is None:
-                    plan = await loop.run_in_executor(self._executor, self._rotate)
-                    self._checkpoint_task = asyncio.create_task(self._run_checkpoint(plan))
+                    try:
+                        plan = await loop.run_in_executor(self._executor, self._rotate)
+                    except OSError as exc:
+                        log.error("could not start a new write-ahead log segment (%s); will retry", exc)
+                    else:
+                        self._checkpoint_task = asyncio.create_task(self._run_checkpoint(plan))
             if self._closing and not self._queue:
                 return
 
