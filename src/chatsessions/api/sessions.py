@@ -3,7 +3,7 @@
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query, Request
@@ -64,7 +64,10 @@ def decode_cursor(token: str) -> SessionCursor:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         updated_at, session_id = json.loads(raw)
-        return SessionCursor(datetime.fromisoformat(updated_at), str(session_id))
+        moment = datetime.fromisoformat(updated_at)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return SessionCursor(moment, str(session_id))
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInput("cursor is not one this service issued", loc=("query", "cursor")) from exc
 
