@@ -8,13 +8,15 @@ replayed idempotent request must return.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+
+from chatsessions.errors import InvalidInput
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
@@ -60,9 +62,7 @@ class SessionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: SessionId | None = Field(
-        default=None, description="Client-chosen id; a UUID4 is made when absent."
-    )
+    id: SessionId | None = Field(default=None, description="Client-chosen id; a UUID4 is made when absent.")
     user_id: LinkField | None = None
     document_id: LinkField | None = None
     section_id: LinkField | None = None
@@ -256,5 +256,11 @@ def patch_session(session: Session, patch: dict[str, JsonValue], *, now: datetim
             data[key] = apply_merge_patch(data[key], patch[key]) if patch[key] is not None else {}
     data["version"] = session.version + 1
     data["updated_at"] = now
-    return Session.model_validate(data)
-
+    try:
+        return Session.model_validate(data)
+    except ValidationError as exc:
+        # The patch was valid JSON Merge Patch, but its result is not a valid session
+        # (say, settings.model became a number).
+        first = exc.errors()[0]
+        loc = ("body", *first["loc"])
+        raise InvalidInput(f"the patched session is invalid: {first['msg']}", loc=loc) from exc

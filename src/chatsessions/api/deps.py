@@ -37,14 +37,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
-async def parse_if_match(
-    if_match: Annotated[
-        str | None,
-        Header(
-            description='Strong ETag of the session version the change applies to (e.g. `"7"`), or `*`. 412 when stale.'
-        ),
-    ] = None,
-) -> Precondition | None:
+IfMatchHeader = Annotated[
+    str | None,
+    Header(
+        description='Strong ETag of the session version the change applies to (e.g. `"7"`), or `*`. 412 when stale.'
+    ),
+]
+
+
+async def parse_if_match(if_match: IfMatchHeader = None) -> Precondition | None:
     if if_match is None:
         return None
     versions: set[int] = set()
@@ -53,7 +54,9 @@ async def parse_if_match(
         if tag == "*":
             return Precondition(any=True)
         # Weak tags never match under the strong comparison If-Match requires.
-        if len(tag) >= 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+        # Versions fit in 19 digits; a longer tag cannot match (and int() of thousands
+        # of digits raises).
+        if 2 < len(tag) <= 21 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
             versions.add(int(tag[1:-1]))
     return Precondition(versions=frozenset(versions))
 
@@ -92,6 +95,23 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _reject_lone_surrogates(value: Any) -> None:
+    """`"\\ud800"` is valid JSON text but no Unicode string: it could be stored and never sent back."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise HTTPException(400, "the body has a \\u escape of a lone UTF-16 surrogate") from exc
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def parse_strict_json(body: bytes) -> Any:
     """RFC 8259 JSON only: UTF-8, no NaN/Infinity (nor numbers that overflow to it), no duplicate keys."""
     try:
@@ -99,7 +119,7 @@ def parse_strict_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise HTTPException(400, "the body is not valid UTF-8") from exc
     try:
-        return json.loads(
+        value = json.loads(
             text,
             parse_constant=_reject_constant,
             parse_float=_finite_float,
@@ -107,6 +127,9 @@ def parse_strict_json(body: bytes) -> Any:
         )
     except RecursionError as exc:
         raise HTTPException(422, "the body is nested too deeply") from exc
+    if "\\u" in text:  # only an escape can make a surrogate: raw ones fail the UTF-8 decode above
+        _reject_lone_surrogates(value)
+    return value
 
 
 class StrictJSONRequest(Request):
