@@ -33,5 +33,20 @@ unit: $(VENV)/.dev-installed
 
 test: lint typecheck unit
 
+# Many more schemathesis examples and state-machine runs than `make test` (minutes, not seconds).
+fuzz: $(VENV)/.dev-installed
+	CHATSESSIONS_FUZZ=1 $(BIN)/pytest -q tests/security/test_schemathesis.py tests/security/test_stateful.py
+
+# kill -9 under load, CYCLES times (`make crash CYCLES=500`), after POWERLOSS_ITERATIONS random power cuts.
+CYCLES ?= 100
+POWERLOSS_ITERATIONS ?= 1000
+crash: $(VENV)/.dev-installed
+	POWERLOSS_ITERATIONS=$(POWERLOSS_ITERATIONS) $(BIN)/python -m tests.crash.powerloss
+	$(BIN)/python -m tests.crash.harness --cycles $(CYCLES)
+
+# Needs wrk (apt-get install -y wrk). BENCH_SECONDS, BENCH_ROUNDS, BENCH_ONLY: see bench/run.py.
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

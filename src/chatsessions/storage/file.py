@@ -28,6 +28,7 @@ incrementally, so appends never read history and reads never scan it twice.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import hashlib
@@ -462,7 +463,7 @@ class FileSessionRepository:
         fs.mkdir(self._dir)
         self._lock_fd = _take_lock(fs, self._dir)
         fs.truncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+        self._fs.write(self._lock_fd, str(os.getpid()).encode())
         fs.mkdir(self._sessions_dir)
         fs.mkdir(self._wal_dir)
         self._remove_temp_files()
@@ -480,11 +481,12 @@ class FileSessionRepository:
             self._forget(fname)
             if state is not None:
                 self._remember(state.entry(fname))
-        if not clean:
-            self._reconcile(skip=touched.keys())
+        # Logs re-read after a crash may hold records no fsync covered yet: the checkpoint below
+        # makes them durable before anything is appended after them.
+        reread = self._reconcile(skip=touched.keys()) if not clean else set()
         self._wal_segment = (segments[-1] if segments else 0) + 1
         self._open_segment()
-        plan = Checkpoint(set(touched), {f[:2] for f in touched}, self._wal_segment)
+        plan = Checkpoint(set(touched) | reread, {f[:2] for f in [*touched, *reread]}, self._wal_segment)
         self._checkpoint(plan, self._catalog_rows(clean=False))
 
     def _remove_temp_files(self) -> None:
@@ -508,10 +510,11 @@ class FileSessionRepository:
             )
         return int(data["wal_segment"]), bool(data.get("clean", False))
 
-    def _reconcile(self, *, skip: Any) -> None:
+    def _reconcile(self, *, skip: Any) -> set[str]:
         """After a crash: a session log may hold records written just before the
         crash whose WAL entry never landed (never acknowledged). Re-read every
-        log whose size disagrees with the checkpoint."""
+        log whose size disagrees with the checkpoint; return the logs re-read."""
+        reread: set[str] = set()
         for fname, entry in list(self._catalog.items()):
             if fname in skip or self._fs.stat_size(self._path(fname)) == entry.size:
                 continue
@@ -524,6 +527,8 @@ class FileSessionRepository:
                 continue
             if state is not None:
                 self._remember(state.entry(fname))
+                reread.add(fname)
+        return reread
 
     def _rebuild_catalog(self) -> None:
         """No checkpoint yet (or it was lost): read every session log once."""
@@ -601,10 +606,16 @@ class FileSessionRepository:
         if rec.kind is Kind.CREATED and state is None:
             self._fs.mkdir(self._path(fname).parent)
             fd = self._fs.open(self._path(fname), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        elif state is not None and rec.version == state.version + 1:
+        elif (
+            state is not None
+            and rec.version == state.version + 1
+            # Messages whose seq does not continue the log belong to an earlier incarnation of
+            # the id (deleted and re-created since): the DELETED later in the WAL drops them.
+            and (rec.kind is not Kind.MESSAGES or rec.seq == state.last_seq + 1)
+        ):
             fd = self._fs.open(self._path(fname), os.O_WRONLY | os.O_APPEND)
         else:
-            log.error("write-ahead log entry for %s does not follow its session log; skipped", fname)
+            log.info("write-ahead log entry for %s belongs to an earlier incarnation of the session; skipped", fname)
             return
         try:
             self._fs.write(fd, record)
@@ -712,9 +723,15 @@ class FileSessionRepository:
             self._dirty_files.add(op.fname)
             if op.unlink:
                 self._dirty_dirs.add(op.fname[:2])
-                self._drop_fd(op.fname)
-                with contextlib.suppress(FileNotFoundError):
+                # The delete is durable in the WAL: failing the batch now would leave the
+                # other changes in it on disk but not in memory.
+                try:
+                    self._drop_fd(op.fname)
                     self._fs.unlink(self._path(op.fname))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove the log of a deleted session (%s); it is left unused", exc)
             elif op.snapshot:
                 op.compacted = self._compact(op.fname, op.snapshot)
 
@@ -771,19 +788,27 @@ class FileSessionRepository:
     def _checkpoint(self, plan: Checkpoint, rows: dict[str, Any]) -> None:
         """Make the session logs durable, then the catalog, then drop covered WAL segments."""
         fs = self._fs
-        for fname in plan.files:
-            try:
-                fd = fs.open(self._path(fname), os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fs.fsync(fd)
-            finally:
-                fs.close(fd)
-        for shard in plan.dirs:
-            if fs.exists(self._sessions_dir / shard):
-                fs.fsync_dir(self._sessions_dir / shard)
-        fs.fsync_dir(self._sessions_dir)
+        try:
+            for fname in plan.files:
+                try:
+                    fd = fs.open(self._path(fname), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fs.fsync(fd)
+                finally:
+                    fs.close(fd)
+            for shard in plan.dirs:
+                if fs.exists(self._sessions_dir / shard):
+                    fs.fsync_dir(self._sessions_dir / shard)
+            fs.fsync_dir(self._sessions_dir)
+        except OSError as exc:
+            # These files are no longer in the dirty sets, and a retried fsync may "succeed"
+            # without the lost pages: a later checkpoint would drop the WAL that still holds
+            # them. Stop writing, as after a failed WAL fsync; recovery replays the WAL.
+            self._failed = f"fsync of the session logs failed at a checkpoint ({exc.strerror}); restart to recover"
+            log.critical(self._failed)
+            raise
         rows["wal_segment"] = plan.next_segment
         path = self._dir / "catalog.json"
         temp = self._dir / "catalog.json.tmp"
@@ -1127,9 +1152,9 @@ class FileSessionRepository:
             if index.indexed_size < entry.size:
                 index = self._extend_index(fd, entry, index)
             start = index.offsets[first - index.first_live]
-            stop = entry.size
-            if last + 1 - index.first_live < len(index.offsets):
-                stop = index.offsets[last + 1 - index.first_live]
+            # A batch is one record: stop at the first record after the one holding `last`.
+            following = bisect.bisect_right(index.offsets, index.offsets[last - index.first_live])
+            stop = index.offsets[following] if following < len(index.offsets) else entry.size
             data = self._fs.pread(fd, stop - start, start)
         finally:
             self._fs.close(fd)
@@ -1176,7 +1201,7 @@ class FileSessionRepository:
             raise StorageFailed(self._failed)
         if self._closing:
             raise StorageUnavailable("the store is shutting down")
-        if not os.access(self._dir, os.W_OK):
+        if not self._fs.writable(self._dir):
             raise StorageUnavailable(f"data directory {str(self._dir)!r} is not writable")
 
     # --- introspection for tests and benchmarks -----------------------------

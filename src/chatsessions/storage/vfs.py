@@ -80,6 +80,9 @@ class FileSystem:
         except FileNotFoundError:
             return None
 
+    def writable(self, path: Path) -> bool:
+        return os.access(path, os.W_OK)
+
     def exists(self, path: Path) -> bool:
         return os.path.exists(path)
 
