@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from chatsessions.cli_keys import add_keys_commands, keys_command, serve_refusal
 from chatsessions.config import Settings, StoreKind
 
 # Flag name → settings field; each flag overrides its CHATSESSIONS_* variable.
@@ -29,6 +30,8 @@ _SERVE_FLAGS: dict[str, str] = {
     "max_page_messages": "max_page_messages",
     "max_page_sessions": "max_page_sessions",
     "idempotency_ttl_seconds": "idempotency_ttl_seconds",
+    "max_json_keys": "max_json_keys",
+    "keys_file": "keys_file",
 }
 
 
@@ -41,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=info.description)
     serve.add_argument("--workers", type=int, default=1, help="worker processes (postgres store only)")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
+    serve.add_argument("--allow-anonymous", action="store_true", help="serve a non-loopback host with no keys file")
     commands.add_parser("check", help="validate the configuration and open the store once")
+    add_keys_commands(commands)
     return parser
 
 
@@ -59,6 +64,9 @@ def serve(args: argparse.Namespace) -> int:
         settings = _settings_from(args)
     except ValidationError as exc:
         print(f"chatsessions: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if refusal := serve_refusal(settings, allow_anonymous=args.allow_anonymous):
+        print(f"chatsessions: {refusal}", file=sys.stderr)
         return 2
     if args.workers > 1 and settings.store is not StoreKind.postgres:
         print(
@@ -110,7 +118,7 @@ def check(_args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": serve, "check": check}
+    handlers = {"serve": serve, "check": check, "keys": keys_command}
     return handlers[args.command](args)
 
 

@@ -1,19 +1,19 @@
 """Domain errors. Storage raises these; `api/problems.py` maps each to one problem.
 
-    ChatSessionsError
-    ├── SessionNotFound          404  no such session for this tenant
-    ├── MessageNotFound          404  no message with that seq
-    ├── SessionExists            409  create with an id the tenant already has
-    ├── PreconditionFailed       412  stale If-Match
-    ├── IdempotencyError
-    │   ├── IdempotencyInProgress   409  the first request with this key still runs
-    │   └── IdempotencyKeyReused    422  same key, different request
-    ├── InvalidInput             422  a value the schema cannot express (limits, depth)
-    ├── StorageFull              507  the disk is full; nothing was written
-    └── StorageUnavailable       503  cannot read or write now
-        ├── StorageCorrupted     503  a log failed its checksum in the middle
-        ├── StorageFailed        503  an fsync failed; writes stop until restart
-        └── StorageLocked        ---  another process owns the data directory
+ChatSessionsError
+├── SessionNotFound          404  no such session for this tenant
+├── MessageNotFound          404  no message with that seq
+├── SessionExists            409  create with an id the tenant already has
+├── PreconditionFailed       412  stale If-Match
+├── IdempotencyError
+│   ├── IdempotencyInProgress   409  the first request with this key still runs
+│   └── IdempotencyKeyReused    422  same key, different request
+├── InvalidInput             422  a value the schema cannot express (limits, depth)
+├── StorageFull              507  the disk is full; nothing was written
+└── StorageUnavailable       503  cannot read or write now
+    ├── StorageCorrupted     503  a log failed its checksum in the middle
+    ├── StorageFailed        503  an fsync failed; writes stop until restart
+    └── StorageLocked        ---  another process owns the data directory
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from fastapi.openapi.utils import get_openapi
 
 from chatsessions import __version__
 from chatsessions.api import health
+from chatsessions.api.auth import install_auth
 from chatsessions.api.docs import install_docs
 from chatsessions.api.messages import build_messages_router
 from chatsessions.api.middleware import BodyLimitMiddleware
@@ -98,4 +99,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
+    install_auth(app, resolved)
     return app

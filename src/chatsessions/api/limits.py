@@ -25,11 +25,27 @@ def json_depth(value: Any) -> int:
     return depth
 
 
+def widest_object(value: Any) -> int:
+    """Most members of any one object inside a JSON value."""
+    widest = 0
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            widest = max(widest, len(node))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return widest
+
+
 def check_json(value: Any, settings: Settings, loc: tuple[str | int, ...]) -> None:
     if value is None:
         return
     if json_depth(value) > settings.max_json_depth:
         raise InvalidInput(f"{loc[-1]} is nested deeper than {settings.max_json_depth} levels", loc=loc)
+    if widest_object(value) > settings.max_json_keys:
+        raise InvalidInput(f"{loc[-1]} has an object with more than {settings.max_json_keys} keys", loc=loc)
     size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
     if size > settings.max_json_bytes:
         raise InvalidInput(f"{loc[-1]} takes {size} bytes; at most {settings.max_json_bytes} are allowed", loc=loc)

@@ -121,10 +121,42 @@ async def _on_validation(request: Request, exc: Exception) -> Response:
     return problem_response(422, "the request failed validation", kind="validation-error", errors_=issues)
 
 
+def allowed_methods(app: FastAPI, path: str) -> str | None:
+    """The methods the OpenAPI document lists for `path`, under its most concrete template.
+
+    Starlette's 405 names only the methods of the first route whose path matched; a
+    resource served by several routes (GET and POST /v1/sessions) needs them all, and
+    `/messages/batch` must not borrow GET from `/messages/{seq}` (OpenAPI: concrete
+    paths match before templated ones).
+    """
+    parts = path.split("/")
+    best: tuple[int, list[str]] | None = None
+    for template, operations in app.openapi().get("paths", {}).items():
+        segments = template.split("/")
+        if len(segments) != len(parts):
+            continue
+        literal = 0
+        for segment, part in zip(segments, parts, strict=True):
+            if segment.startswith("{") and segment.endswith("}"):
+                if not part:
+                    break
+            elif segment != part:
+                break
+            else:
+                literal += 1
+        else:
+            if best is None or literal > best[0]:
+                best = (literal, sorted(method.upper() for method in operations))
+    return ", ".join(best[1]) if best else None
+
+
 async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
-    return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (allow := allowed_methods(request.app, request.url.path)):
+        headers["Allow"] = allow
+    return problem_response(exc.status_code, detail, headers=headers)
 
 
 async def _on_domain(request: Request, exc: Exception) -> Response:
