@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         FsyncMode.always, description="always: acknowledge after fsync; never: leave it to the OS."
     )
     cache_sessions: int = Field(10_000, ge=1, description="File store: most sessions kept in memory.")
-    cache_bytes: int = Field(256 * 2**20, ge=1, description="File store: most bytes of session state kept in memory.")
+    cache_bytes: int = Field(64 * 2**20, ge=1, description="File store: most bytes of session state kept in memory.")
     wal_segment_bytes: int = Field(
         64 * 2**20, ge=4096, description="File store: write-ahead log size that triggers a checkpoint."
     )

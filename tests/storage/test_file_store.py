@@ -205,12 +205,18 @@ async def test_append_never_reads_history(tmp_path: Path) -> None:
         for i in range(50):
             await repository.append_messages(T, "s1", [msg(f"n{i}")])
         assert fs.reads == 0
-        # Reads of the tail after the index is warm read only the tail.
+        # Once indexed, the newest messages come from memory, and appends keep them there;
+        # older ones cost one read of exactly their bytes.
         await repository.list_messages(T, "s1", MessageQuery(limit=5, order=Order.desc))
+        await repository.append_messages(T, "s1", [msg("newest")])
         fs.reads = 0
         items, more = await repository.list_messages(T, "s1", MessageQuery(limit=5, order=Order.desc))
-        assert [m.seq for m in items] == [150, 149, 148, 147, 146]
+        assert [m.seq for m in items] == [151, 150, 149, 148, 147]
+        assert items[0].content == "newest"
         assert more
+        assert fs.reads == 0
+        items, _ = await repository.list_messages(T, "s1", MessageQuery(limit=3))
+        assert [m.content for m in items] == ["m0", "m1", "m2"]
         assert fs.reads == 1
     finally:
         await repository.aclose()

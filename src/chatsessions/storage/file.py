@@ -32,15 +32,16 @@ import bisect
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import struct
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ WAL_HEAD = struct.Struct("<32sI")  # session file name, length of the session re
 HEAD_FIELDS = ("id", "user_id", "document_id", "section_id", "title", "settings", "metadata", "created_at")
 COMPACT_MIN_BYTES = 64 * 1024  # a clear rewrites the log as a snapshot past this size
 FD_CACHE = 256
+TAIL_MESSAGES = 128  # recent messages kept per cached session ...
+TAIL_BYTES = 256 * 1024  # ... within this many bytes
 _MESSAGES = TypeAdapter(list[Message])
 
 
@@ -289,16 +292,46 @@ def scan_log(data: bytes) -> LogState | None:
 
 @dataclass(slots=True)
 class ReadIndex:
-    """Offsets of the live messages of one session log, valid up to `indexed_size`."""
+    """Offsets of the live messages of one session log, valid up to `indexed_size`,
+    and the most recent messages themselves (the tail a chat client reads most)."""
 
     generation: int
     first_live: int
     offsets: array[int]
     indexed_size: int
+    tail: deque[Message] = field(default_factory=deque)
+    tail_bytes: int = 0
 
     @property
     def cost(self) -> int:
-        return 128 + 8 * len(self.offsets)
+        return 256 + 8 * len(self.offsets) + self.tail_bytes
+
+    def remember(self, messages: list[Message]) -> None:
+        """Append the newest messages to the tail (they must continue it), then trim it."""
+        for message in messages:
+            if self.tail and self.tail[-1].seq + 1 != message.seq:
+                self.tail.clear()
+                self.tail_bytes = 0
+            self.tail.append(message)
+            self.tail_bytes += _message_cost(message)
+        while self.tail and (len(self.tail) > TAIL_MESSAGES or self.tail_bytes > TAIL_BYTES):
+            self.tail_bytes -= _message_cost(self.tail.popleft())
+
+    def from_tail(self, first: int, last: int) -> list[Message] | None:
+        if not self.tail or first < self.tail[0].seq or last > self.tail[-1].seq:
+            return None
+        start = first - self.tail[0].seq
+        return list(itertools.islice(self.tail, start, start + last - first + 1))
+
+
+def _message_cost(message: Message) -> int:
+    # Rough resident size: the content dominates; metadata and references are bounded.
+    return (
+        400
+        + len(message.content)
+        + (0 if message.metadata is None else 256)
+        + (0 if message.references is None else 256)
+    )
 
 
 class ReadCache:
@@ -1056,6 +1089,8 @@ class FileSessionRepository:
                 if index is not None and index.generation == entry.generation and index.indexed_size == offset:
                     index.offsets.extend([offset] * len(added))
                     index.indexed_size = entry.size
+                    index.remember(added)
+                    self._cache.put(fname, index)  # re-weigh it
                 self._finish_idempotency(tenant, idempotency, answer)
 
             await self._submit(
@@ -1135,6 +1170,9 @@ class FileSessionRepository:
         index = cached or ReadIndex(entry.generation, entry.first_live, array("q"), 0)
         if index.generation != entry.generation or index.first_live != entry.first_live:
             index = ReadIndex(entry.generation, entry.first_live, array("q"), 0)
+        if index.indexed_size == entry.size and (recent := index.from_tail(first, last)) is not None:
+            self._cache.get(entry.fname)  # a hit keeps it young
+            return recent
         loop = asyncio.get_running_loop()
         try:
             found, index = await loop.run_in_executor(None, self._read_sync, entry, index, first, last)
@@ -1167,6 +1205,8 @@ class FileSessionRepository:
                 found.extend(m for m in _MESSAGES.validate_json(bytes(rec.body)) if first <= m.seq <= last)
         if len(found) != last - first + 1:
             raise records.Corrupted(start)
+        if last == entry.last_seq and index.indexed_size == entry.size:
+            index.remember(found[-TAIL_MESSAGES:])
         return found, index
 
     def _extend_index(self, fd: int, entry: Entry, index: ReadIndex) -> ReadIndex:
