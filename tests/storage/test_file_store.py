@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from chatsessions.config import Settings
-from chatsessions.errors import StorageCorrupted, StorageLocked
+from chatsessions.errors import StorageCorrupted, StorageFull, StorageLocked, StorageUnavailable
 from chatsessions.models import MessageCreate, MessageQuery, Order, Role, SessionCreate, SessionPatch
 from chatsessions.storage import records
 from chatsessions.storage.file import FileSessionRepository, scan_log, session_file_name
@@ -264,3 +265,50 @@ async def test_file_names_stay_inside_the_data_dir(repo: FileSessionRepository, 
     assert all(name == name.lower() and len(name) == 32 for name in names)
     for path in (tmp_path / "data").rglob("*"):
         assert path.resolve().is_relative_to((tmp_path / "data").resolve())
+
+
+class FailOnMarker(FileSystem):
+    """ENOSPC for the first write that carries `marker`: a full disk mid-pipeline."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.tripped = False
+
+    def write(self, fd: int, data: bytes) -> None:
+        if not self.tripped and self.marker in data:
+            self.tripped = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().write(fd, data)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_append_fences_the_appends_queued_behind_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    repository = await FileSessionRepository.open(settings_for(data), fs=FailOnMarker(b"BOOM"))
+    try:
+        await repository.create_session(T, SessionCreate(id="s1"))
+        texts = [f"m{i}" if i != 7 else "BOOM" for i in range(30)]
+        outcomes = await asyncio.gather(
+            *(repository.append_messages(T, "s1", [msg(text)]) for text in texts), return_exceptions=True
+        )
+        acked = [
+            (outcome[1][0].seq, text)
+            for text, outcome in zip(texts, outcomes, strict=True)
+            if not isinstance(outcome, BaseException)
+        ]
+        failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        assert any(isinstance(f, StorageFull) for f in failed)
+        assert all(isinstance(f, StorageFull | StorageUnavailable) for f in failed)
+        assert "BOOM" not in [text for _, text in acked]
+        # What was acknowledged is exactly what is there, with contiguous seqs.
+        assert [seq for seq, _ in acked] == list(range(1, len(acked) + 1))
+        assert await contents(repository, "s1") == [text for _, text in acked]
+        _, added = await repository.append_messages(T, "s1", [msg("after")])
+        assert added[0].seq == len(acked) + 1
+    finally:
+        await repository.aclose()
+    reopened = await FileSessionRepository.open(settings_for(data))
+    try:
+        assert await contents(reopened, "s1") == [*(text for _, text in acked), "after"]
+    finally:
+        await reopened.aclose()

@@ -144,6 +144,23 @@ class Entry:
     size: int  # bytes of the session log
     generation: int = 0  # bumped when the log is rewritten (compaction)
     corrupted: bool = False
+    # Appends are pipelined: each reserves its seq, version and log offset under the
+    # session lock and waits for durability outside it, so appends to one session share
+    # a group commit. The fields above are what is durable (and visible); these are
+    # what the queued appends have reserved. `epoch` fences off appends built on a
+    # reservation whose write failed.
+    r_version: int = 0
+    r_last_seq: int = 0
+    r_size: int = 0
+    epoch: int = 0
+    pending: asyncio.Future[None] | None = None  # the last queued append
+
+    def __post_init__(self) -> None:
+        self.settle()
+
+    def settle(self) -> None:
+        """Nothing is pending (or it failed): reservations restart from what is durable."""
+        self.r_version, self.r_last_seq, self.r_size = self.version, self.last_seq, self.size
 
     def set_head(self, head: bytes) -> None:
         fields = from_json(head)
@@ -387,6 +404,8 @@ class Op:
     compacted: bool = False  # set by the writer when the snapshot replaced the log
     apply: Callable[[Op], None] = lambda op: None
     future: asyncio.Future[None] | None = None
+    entry: Entry | None = None  # set for pipelined appends, with the epoch they were built in
+    epoch: int = 0
 
 
 def wal_entry(fname: str, record: bytes, idempotency: bytes = b"") -> bytes:
@@ -770,7 +789,8 @@ class FileSessionRepository:
 
     def _roll_back(self, written: list[Op], wal_before: int) -> None:
         try:
-            for op in written:
+            # Newest first: several appends to one session may share the batch.
+            for op in reversed(written):
                 if op.create:
                     self._drop_fd(op.fname)
                     self._fs.unlink(self._path(op.fname))
@@ -867,6 +887,15 @@ class FileSessionRepository:
             self._wakeup.clear()
             while self._queue:
                 batch, self._queue = self._queue, []
+                fenced = [op for op in batch if op.entry is not None and op.epoch != op.entry.epoch]
+                if fenced:
+                    stale = StorageUnavailable("an earlier append to this session failed; nothing was written")
+                    for op in fenced:
+                        assert op.future is not None
+                        op.future.set_exception(stale)
+                    batch = [op for op in batch if op not in fenced]
+                    if not batch:
+                        continue
                 try:
                     await loop.run_in_executor(self._executor, self._commit, batch)
                 except Exception as exc:
@@ -874,6 +903,9 @@ class FileSessionRepository:
                         log.exception("write failed unexpectedly")
                         exc = StorageUnavailable(f"write failed: {exc}")
                     for op in batch:
+                        if op.entry is not None:
+                            op.entry.epoch += 1
+                            op.entry.settle()
                         assert op.future is not None
                         if not op.future.done():
                             op.future.set_exception(exc)
@@ -902,7 +934,7 @@ class FileSessionRepository:
         finally:
             self._checkpoint_task = None
 
-    async def _submit(self, op: Op) -> None:
+    def _enqueue(self, op: Op) -> asyncio.Future[None]:
         if self._closing:
             raise StorageUnavailable("the store is shutting down")
         if self._failed is not None:
@@ -910,7 +942,11 @@ class FileSessionRepository:
         op.future = asyncio.get_running_loop().create_future()
         self._queue.append(op)
         self._wakeup.set()
-        await op.future
+        return op.future
+
+    async def _submit(self, op: Op) -> None:
+        """Queue a change and wait until it is durable and applied."""
+        await self._enqueue(op)
 
     # --- helpers on the event loop ------------------------------------------
 
@@ -923,12 +959,21 @@ class FileSessionRepository:
         return entry
 
     def _entry_or_raise(self, tenant: str, session_id: str, if_match: Precondition | None = None) -> Entry:
+        """The entry, checked against the version its latest accepted change will have."""
         entry = self._entry(tenant, session_id)
         if entry is None:
             raise SessionNotFound(session_id)
-        if if_match is not None and not if_match.holds(entry.version):
-            raise PreconditionFailed(session_id, entry.version)
+        if if_match is not None and not if_match.holds(entry.r_version):
+            raise PreconditionFailed(session_id, entry.r_version)
         return entry
+
+    async def _settled_entry(self, tenant: str, session_id: str, if_match: Precondition | None = None) -> Entry:
+        """The entry once its queued appends are durable; for changes that are not
+        appends (the caller holds the session lock, so nothing new gets queued)."""
+        entry = self._entry(tenant, session_id)
+        if entry is not None and entry.pending is not None and not entry.pending.done():
+            await asyncio.wait([entry.pending])
+        return self._entry_or_raise(tenant, session_id, if_match)
 
     def _finish_idempotency(
         self, tenant: str, idempotency: IdempotencyRequest | None, answer: StoredResponse | None
@@ -1022,7 +1067,7 @@ class FileSessionRepository:
     ) -> Session:
         fname = session_file_name(tenant, session_id)
         async with self._locks.hold(fname):
-            entry = self._entry_or_raise(tenant, session_id, if_match)
+            entry = await self._settled_entry(tenant, session_id, if_match)
             session = patch_session(entry.session(), patch.model_dump(mode="json", exclude_unset=True), now=utcnow())
             head = head_of(session)
             updated_us = to_us(session.updated_at)
@@ -1033,6 +1078,7 @@ class FileSessionRepository:
                 entry.version = session.version
                 entry.updated_us = updated_us
                 entry.size += len(record)
+                entry.settle()
 
             await self._submit(Op(fname, wal_entry(fname, record), record=record, size_before=entry.size, apply=apply))
         return session
@@ -1040,7 +1086,7 @@ class FileSessionRepository:
     async def delete_session(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> None:
         fname = session_file_name(tenant, session_id)
         async with self._locks.hold(fname):
-            entry = self._entry_or_raise(tenant, session_id, if_match)
+            entry = await self._settled_entry(tenant, session_id, if_match)
             record = records.encode(Kind.DELETED, version=entry.version + 1)
             await self._submit(Op(fname, wal_entry(fname, record), unlink=True, apply=lambda op: self._forget(fname)))
 
@@ -1058,23 +1104,24 @@ class FileSessionRepository:
             entry = self._entry_or_raise(tenant, session_id, if_match)
             now = utcnow()
             updated_us = to_us(now)
-            added = new_messages(messages, first_seq=entry.last_seq + 1, now=now)
-            version = entry.version + 1
-            body = _MESSAGES.dump_json(added)
+            first_seq = entry.r_last_seq + 1
+            last_seq = entry.r_last_seq + len(messages)
+            version = entry.r_version + 1
+            offset = entry.r_size
+            added = new_messages(messages, first_seq=first_seq, now=now)
             record = records.encode(
                 Kind.MESSAGES,
                 version=version,
-                seq=entry.last_seq + 1,
+                seq=first_seq,
                 count=len(added),
                 updated_us=updated_us,
-                body=body,
+                body=_MESSAGES.dump_json(added),
             )
-            offset = entry.size
             session = entry.session().model_copy(
                 update={
                     "version": version,
-                    "last_seq": entry.last_seq + len(added),
-                    "message_count": entry.last_seq + len(added) - entry.first_live + 1,
+                    "last_seq": last_seq,
+                    "message_count": last_seq - entry.first_live + 1,
                     "updated_at": now,
                 }
             )
@@ -1082,7 +1129,7 @@ class FileSessionRepository:
 
             def apply(op: Op) -> None:
                 entry.version = version
-                entry.last_seq += len(added)
+                entry.last_seq = last_seq
                 entry.updated_us = updated_us
                 entry.size = offset + len(record)
                 index = self._cache.get(fname)
@@ -1093,21 +1140,27 @@ class FileSessionRepository:
                     self._cache.put(fname, index)  # re-weigh it
                 self._finish_idempotency(tenant, idempotency, answer)
 
-            await self._submit(
+            durable = self._enqueue(
                 Op(
                     fname,
                     wal_entry(fname, record, self._idempotency_entry(tenant, idempotency, answer)),
                     record=record,
                     size_before=offset,
                     apply=apply,
+                    entry=entry,
+                    epoch=entry.epoch,
                 )
             )
+            entry.r_version, entry.r_last_seq, entry.r_size = version, last_seq, offset + len(record)
+            entry.pending = durable
+        # Wait outside the lock: the next append to this session can join the same group commit.
+        await durable
         return session, added
 
     async def clear_messages(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> Session:
         fname = session_file_name(tenant, session_id)
         async with self._locks.hold(fname):
-            entry = self._entry_or_raise(tenant, session_id, if_match)
+            entry = await self._settled_entry(tenant, session_id, if_match)
             now = utcnow()
             updated_us = to_us(now)
             version = entry.version + 1
@@ -1129,6 +1182,7 @@ class FileSessionRepository:
                     entry.generation += 1
                 else:
                     entry.size = offset + len(record)
+                entry.settle()
                 self._cache.drop(fname)
 
             await self._submit(
