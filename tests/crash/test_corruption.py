@@ -23,8 +23,9 @@ from pydantic_core import from_json
 from chatsessions.config import Settings
 from chatsessions.models import MessageCreate, Role, SessionCreate, SessionPatch
 from chatsessions.storage import records
-from chatsessions.storage.file import FileSessionRepository, session_file_name
+from chatsessions.storage.file import FileSessionRepository
 from chatsessions.storage.records import Kind
+from chatsessions.storage.sessionlog import session_file_name
 from tests.crash.server import running_server
 
 T = "default"

@@ -16,7 +16,8 @@ from chatsessions.config import Settings
 from chatsessions.errors import StorageCorrupted, StorageFull, StorageLocked, StorageUnavailable
 from chatsessions.models import MessageCreate, MessageQuery, Order, Role, SessionCreate, SessionPatch
 from chatsessions.storage import records
-from chatsessions.storage.file import FileSessionRepository, scan_log, session_file_name
+from chatsessions.storage.file import FileSessionRepository
+from chatsessions.storage.sessionlog import scan_log, session_file_name
 from chatsessions.storage.vfs import FileSystem
 
 T = "default"

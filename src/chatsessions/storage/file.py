@@ -31,17 +31,15 @@ import asyncio
 import bisect
 import contextlib
 import errno
-import hashlib
-import itertools
 import logging
 import os
 import struct
 import time
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,26 +75,20 @@ from chatsessions.models import (
     utcnow,
 )
 from chatsessions.storage import records
-from chatsessions.storage.common import from_us, new_messages, new_session, page_range, to_us
+from chatsessions.storage.common import new_messages, new_session, page_range, to_us
 from chatsessions.storage.idempotency import IdempotencyEntry, IdempotencyTable
 from chatsessions.storage.locks import KeyedLocks
+from chatsessions.storage.readcache import TAIL_MESSAGES, ReadCache, ReadIndex
 from chatsessions.storage.records import Kind
+from chatsessions.storage.sessionlog import Entry, LogState, head_of, scan_log, session_file_name
 from chatsessions.storage.vfs import FileSystem
 
 log = logging.getLogger("chatsessions.file")
 
 WAL_HEAD = struct.Struct("<32sI")  # session file name, length of the session record
-HEAD_FIELDS = ("id", "user_id", "document_id", "section_id", "title", "settings", "metadata", "created_at")
 COMPACT_MIN_BYTES = 64 * 1024  # a clear rewrites the log as a snapshot past this size
 FD_CACHE = 256
-TAIL_MESSAGES = 128  # recent messages kept per cached session ...
-TAIL_BYTES = 256 * 1024  # ... within this many bytes
 _MESSAGES = TypeAdapter(list[Message])
-
-
-def session_file_name(tenant: str, session_id: str) -> str:
-    """32 lowercase hex digits: safe on every file system, whatever the id."""
-    return hashlib.sha256(f"{tenant}\0{session_id}".encode()).hexdigest()[:32]
 
 
 def probe_data_dir_lock(data_dir: Path, fs: FileSystem | None = None) -> None:
@@ -124,270 +116,6 @@ def _take_lock(fs: FileSystem, data_dir: Path) -> int:
 
 
 # --- in-memory state ------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Entry:
-    """Catalog entry: what every session costs in memory, whether cached or not."""
-
-    fname: str
-    tenant: str
-    id: str
-    head: bytes  # JSON of HEAD_FIELDS
-    user_id: str | None
-    document_id: str | None
-    section_id: str | None
-    version: int
-    last_seq: int
-    first_live: int  # first seq not cleared
-    updated_us: int
-    size: int  # bytes of the session log
-    generation: int = 0  # bumped when the log is rewritten (compaction)
-    corrupted: bool = False
-    # Appends are pipelined: each reserves its seq, version and log offset under the
-    # session lock and waits for durability outside it, so appends to one session share
-    # a group commit. The fields above are what is durable (and visible); these are
-    # what the queued appends have reserved. `epoch` fences off appends built on a
-    # reservation whose write failed.
-    r_version: int = 0
-    r_last_seq: int = 0
-    r_size: int = 0
-    epoch: int = 0
-    pending: asyncio.Future[None] | None = None  # the last queued append
-
-    def __post_init__(self) -> None:
-        self.settle()
-
-    def settle(self) -> None:
-        """Nothing is pending (or it failed): reservations restart from what is durable."""
-        self.r_version, self.r_last_seq, self.r_size = self.version, self.last_seq, self.size
-
-    def set_head(self, head: bytes) -> None:
-        fields = from_json(head)
-        self.head = head
-        self.user_id = fields.get("user_id")
-        self.document_id = fields.get("document_id")
-        self.section_id = fields.get("section_id")
-
-    def session(self) -> Session:
-        counters = (
-            f'{{"message_count":{self.last_seq - self.first_live + 1},"last_seq":{self.last_seq},'
-            f'"version":{self.version},"updated_at":"{from_us(self.updated_us).isoformat()}",'
-        ).encode()
-        return Session.model_validate_json(counters + self.head[1:])
-
-    def to_row(self) -> list[Any]:
-        return [
-            self.fname,
-            self.tenant,
-            self.id,
-            self.head.decode(),
-            self.version,
-            self.last_seq,
-            self.first_live,
-            self.updated_us,
-            self.size,
-        ]
-
-    @classmethod
-    def from_row(cls, row: list[Any]) -> Entry:
-        fname, tenant, session_id, head, version, last_seq, first_live, updated_us, size = row
-        return cls.from_head(
-            fname=fname,
-            tenant=tenant,
-            head=head.encode(),
-            version=version,
-            last_seq=last_seq,
-            first_live=first_live,
-            updated_us=updated_us,
-            size=size,
-            session_id=session_id,
-        )
-
-    @classmethod
-    def from_head(
-        cls,
-        *,
-        fname: str,
-        tenant: str,
-        head: bytes,
-        version: int,
-        last_seq: int,
-        first_live: int,
-        updated_us: int,
-        size: int,
-        session_id: str | None = None,
-    ) -> Entry:
-        fields = from_json(head)
-        return cls(
-            fname=fname,
-            tenant=tenant,
-            id=session_id or fields["id"],
-            head=head,
-            user_id=fields.get("user_id"),
-            document_id=fields.get("document_id"),
-            section_id=fields.get("section_id"),
-            version=version,
-            last_seq=last_seq,
-            first_live=first_live,
-            updated_us=updated_us,
-            size=size,
-        )
-
-
-def head_of(session: Session) -> bytes:
-    return to_json(session.model_dump(mode="json", include=set(HEAD_FIELDS)))
-
-
-@dataclass(slots=True)
-class LogState:
-    """What a full scan of one session log yields."""
-
-    tenant: str
-    head: bytes
-    version: int
-    last_seq: int
-    first_live: int
-    updated_us: int
-    offsets: array[int]  # record offset of each live seq
-    valid_end: int
-    total: int
-
-    def entry(self, fname: str) -> Entry:
-        return Entry.from_head(
-            fname=fname,
-            tenant=self.tenant,
-            head=self.head,
-            version=self.version,
-            last_seq=self.last_seq,
-            first_live=self.first_live,
-            updated_us=self.updated_us,
-            size=self.valid_end,
-        )
-
-
-def scan_log(data: bytes) -> LogState | None:
-    """Rebuild a session from its log; None for an empty log. Raises records.Corrupted."""
-    recs, valid_end = records.decode(data)
-    state: LogState | None = None
-    for rec in recs:
-        if rec.kind in (Kind.CREATED, Kind.SNAPSHOT):
-            body = from_json(bytes(rec.body))
-            state = LogState(
-                tenant=body["tenant"],
-                head=to_json(body["head"]),
-                version=rec.version,
-                last_seq=rec.seq,
-                first_live=rec.seq + 1,
-                updated_us=rec.updated_us,
-                offsets=array("q"),
-                valid_end=0,
-                total=len(data),
-            )
-            continue
-        if state is None or rec.version != state.version + 1:
-            raise records.Corrupted(rec.offset)
-        if rec.kind is Kind.MESSAGES:
-            if rec.seq != state.last_seq + 1:
-                raise records.Corrupted(rec.offset)
-            state.offsets.extend([rec.offset] * rec.count)
-            state.last_seq += rec.count
-        elif rec.kind is Kind.PATCHED:
-            state.head = bytes(rec.body)
-        elif rec.kind is Kind.CLEARED:
-            state.first_live = state.last_seq + 1
-            state.offsets = array("q")
-        else:
-            raise records.Corrupted(rec.offset)
-        state.version = rec.version
-        state.updated_us = rec.updated_us
-    if state is not None:
-        state.valid_end = valid_end
-        state.total = len(data)
-    return state
-
-
-@dataclass(slots=True)
-class ReadIndex:
-    """Offsets of the live messages of one session log, valid up to `indexed_size`,
-    and the most recent messages themselves (the tail a chat client reads most)."""
-
-    generation: int
-    first_live: int
-    offsets: array[int]
-    indexed_size: int
-    tail: deque[Message] = field(default_factory=deque)
-    tail_bytes: int = 0
-
-    @property
-    def cost(self) -> int:
-        return 256 + 8 * len(self.offsets) + self.tail_bytes
-
-    def remember(self, messages: list[Message]) -> None:
-        """Append the newest messages to the tail (they must continue it), then trim it."""
-        for message in messages:
-            if self.tail and self.tail[-1].seq + 1 != message.seq:
-                self.tail.clear()
-                self.tail_bytes = 0
-            self.tail.append(message)
-            self.tail_bytes += _message_cost(message)
-        while self.tail and (len(self.tail) > TAIL_MESSAGES or self.tail_bytes > TAIL_BYTES):
-            self.tail_bytes -= _message_cost(self.tail.popleft())
-
-    def from_tail(self, first: int, last: int) -> list[Message] | None:
-        if not self.tail or first < self.tail[0].seq or last > self.tail[-1].seq:
-            return None
-        start = first - self.tail[0].seq
-        return list(itertools.islice(self.tail, start, start + last - first + 1))
-
-
-def _message_cost(message: Message) -> int:
-    # Rough resident size: the content dominates; metadata and references are bounded.
-    return (
-        400
-        + len(message.content)
-        + (0 if message.metadata is None else 256)
-        + (0 if message.references is None else 256)
-    )
-
-
-class ReadCache:
-    """Bounded LRU of read indexes, by count and by bytes."""
-
-    def __init__(self, *, max_items: int, max_bytes: int) -> None:
-        self._items: OrderedDict[str, ReadIndex] = OrderedDict()
-        self._bytes = 0
-        self._max_items = max_items
-        self._max_bytes = max_bytes
-
-    def get(self, fname: str) -> ReadIndex | None:
-        index = self._items.get(fname)
-        if index is not None:
-            self._items.move_to_end(fname)
-        return index
-
-    def put(self, fname: str, index: ReadIndex) -> None:
-        self.drop(fname)
-        self._items[fname] = index
-        self._bytes += index.cost
-        while self._items and (len(self._items) > self._max_items or self._bytes > self._max_bytes):
-            _, evicted = self._items.popitem(last=False)
-            self._bytes -= evicted.cost
-
-    def drop(self, fname: str) -> None:
-        old = self._items.pop(fname, None)
-        if old is not None:
-            self._bytes -= old.cost
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-
-# --- the write path -------------------------------------------------------
 
 
 @dataclass(slots=True, eq=False)
@@ -1310,4 +1038,4 @@ class FileSessionRepository:
         }
 
 
-__all__ = ["FileSessionRepository", "probe_data_dir_lock", "session_file_name"]
+__all__ = ["FileSessionRepository", "probe_data_dir_lock"]
