@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+
+from tests.server.proc import uvicorn_command
 
 
 class ServerFailed(Exception):
@@ -91,15 +92,7 @@ async def start_server(
         started = time.perf_counter()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "chatsessions.main:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
+                *uvicorn_command(port),
                 "--log-level",
                 "warning",
                 env=server_env(data_dir, env),
