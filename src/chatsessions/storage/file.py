@@ -221,9 +221,15 @@ class FileSessionRepository:
             if self._failed is None:
                 plan = await loop.run_in_executor(self._executor, self._rotate)
                 await loop.run_in_executor(self._executor, self._checkpoint, plan, self._catalog_rows(clean=True))
+                await loop.run_in_executor(self._executor, self._mark_stopped)
         finally:
             await loop.run_in_executor(self._executor, self._close_files)
             self._executor.shutdown(wait=True)
+
+    def _mark_stopped(self) -> None:
+        """A clean stop: the next start trusts the catalog without re-checking the logs."""
+        self._fs.unlink(self._dir / "RUNNING")
+        self._fs.fsync_dir(self._dir)
 
     def _close_files(self) -> None:
         for fd in self._fds.values():
@@ -246,8 +252,14 @@ class FileSessionRepository:
         self._fs.write(self._lock_fd, str(os.getpid()).encode())
         fs.mkdir(self._sessions_dir)
         fs.mkdir(self._wal_dir)
-        self._remove_temp_files()
         first_segment, clean = self._load_catalog()
+        running = self._dir / "RUNNING"
+        if fs.exists(running):
+            clean = False  # the last process did not stop cleanly
+            self._remove_temp_files()  # only a crash mid-compaction or mid-checkpoint leaves them
+        else:
+            fs.close(fs.open(running, os.O_WRONLY | os.O_CREAT))
+            fs.fsync_dir(self._dir)
         segments = sorted(int(name.split(".")[0]) for name in fs.listdir(self._wal_dir) if name.endswith(".wal"))
         replayed = [n for n in segments if n >= first_segment]
         touched: dict[str, LogState | None] = {}
@@ -266,8 +278,9 @@ class FileSessionRepository:
         reread = self._reconcile(skip=touched.keys()) if not clean else set()
         self._wal_segment = (segments[-1] if segments else 0) + 1
         self._open_segment()
-        plan = Checkpoint(set(touched) | reread, {f[:2] for f in [*touched, *reread]}, self._wal_segment)
-        self._checkpoint(plan, self._catalog_rows(clean=False))
+        if touched or reread or not clean:
+            plan = Checkpoint(set(touched) | reread, {f[:2] for f in [*touched, *reread]}, self._wal_segment)
+            self._checkpoint(plan, self._catalog_rows(clean=False))
 
     def _remove_temp_files(self) -> None:
         for directory in [self._dir, *[self._sessions_dir / d for d in self._fs.listdir(self._sessions_dir)]]:

@@ -59,7 +59,7 @@ class Entry:
     pending: asyncio.Future[None] | None = None  # the last queued append
 
     def __post_init__(self) -> None:
-        self.settle()
+        self.r_version, self.r_last_seq, self.r_size = self.version, self.last_seq, self.size
 
     def settle(self) -> None:
         """Nothing is pending (or it failed): reservations restart from what is durable."""
@@ -90,10 +90,16 @@ class Entry:
             self.first_live,
             self.updated_us,
             self.size,
+            self.user_id,
+            self.document_id,
+            self.section_id,
         ]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> Entry:
+        if len(row) == 12:  # the link fields are stored too: no JSON to parse per session at start-up
+            # Positional, in field order: this runs once per session at start-up.
+            return cls(row[0], row[1], row[2], row[3].encode(), row[9], row[10], row[11], *row[4:9])
         fname, tenant, session_id, head, version, last_seq, first_live, updated_us, size = row
         return cls.from_head(
             fname=fname,
