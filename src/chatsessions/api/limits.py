@@ -10,41 +10,28 @@ from chatsessions.errors import InvalidInput
 from chatsessions.models import MessageCreate, SessionCreate, SessionPatch
 
 
-def json_depth(value: Any) -> int:
-    """Nesting depth of a JSON value: scalars 0, `{}` and `[]` 1."""
-    depth = 0
+def json_shape(value: Any) -> tuple[int, int]:
+    """Nesting depth (scalars 0, `{}` and `[]` 1) and the most members of any one object, in one walk."""
+    depth = widest = 0
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, level = stack.pop()
         if isinstance(node, dict):
-            depth = max(depth, level)
+            depth, widest = max(depth, level), max(widest, len(node))
             stack.extend((v, level + 1) for v in node.values())
         elif isinstance(node, list):
             depth = max(depth, level)
             stack.extend((v, level + 1) for v in node)
-    return depth
-
-
-def widest_object(value: Any) -> int:
-    """Most members of any one object inside a JSON value."""
-    widest = 0
-    stack: list[Any] = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            widest = max(widest, len(node))
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return widest
+    return depth, widest
 
 
 def check_json(value: Any, settings: Settings, loc: tuple[str | int, ...]) -> None:
     if value is None:
         return
-    if json_depth(value) > settings.max_json_depth:
+    depth, widest = json_shape(value)
+    if depth > settings.max_json_depth:
         raise InvalidInput(f"{loc[-1]} is nested deeper than {settings.max_json_depth} levels", loc=loc)
-    if widest_object(value) > settings.max_json_keys:
+    if widest > settings.max_json_keys:
         raise InvalidInput(f"{loc[-1]} has an object with more than {settings.max_json_keys} keys", loc=loc)
     size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
     if size > settings.max_json_bytes:

@@ -858,14 +858,7 @@ class FileSessionRepository:
                 updated_us=updated_us,
                 body=_MESSAGES.dump_json(added),
             )
-            session = entry.session().model_copy(
-                update={
-                    "version": version,
-                    "last_seq": last_seq,
-                    "message_count": last_seq - entry.first_live + 1,
-                    "updated_at": now,
-                }
-            )
+            session = entry.session(version=version, last_seq=last_seq, updated_us=updated_us)
             answer = idempotency.render(session, added) if idempotency else None
 
             def apply(op: Op) -> None:

@@ -72,10 +72,16 @@ class Entry:
         self.document_id = fields.get("document_id")
         self.section_id = fields.get("section_id")
 
-    def session(self) -> Session:
+    def session(
+        self, *, version: int | None = None, last_seq: int | None = None, updated_us: int | None = None
+    ) -> Session:
+        """The session as it is durable, or with the counters a queued change will give it."""
+        version = self.version if version is None else version
+        last_seq = self.last_seq if last_seq is None else last_seq
+        updated_us = self.updated_us if updated_us is None else updated_us
         counters = (
-            f'{{"message_count":{self.last_seq - self.first_live + 1},"last_seq":{self.last_seq},'
-            f'"version":{self.version},"updated_at":"{from_us(self.updated_us).isoformat()}",'
+            f'{{"message_count":{last_seq - self.first_live + 1},"last_seq":{last_seq},'
+            f'"version":{version},"updated_at":"{from_us(updated_us).isoformat()}",'
         ).encode()
         return Session.model_validate_json(counters + self.head[1:])
 
