@@ -60,3 +60,7 @@ class Settings(BaseSettings):
     )
     keys_file: Path | None = Field(None, description="API keys file (hashes only); unset: open mode, tenant default.")
     log_level: str = Field("info", description="Log level of the service.")
+    telemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry traces, metrics and logs (needs an OpenTelemetry SDK set up).",
+    )

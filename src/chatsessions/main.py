@@ -9,9 +9,11 @@ from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 
 from chatsessions import __version__
 from chatsessions.api import health
+from chatsessions.api.appends import install_appends
 from chatsessions.api.auth import install_auth
 from chatsessions.api.docs import install_docs
 from chatsessions.api.messages import build_messages_router
@@ -44,14 +46,14 @@ async def build_repository(settings: Settings) -> SessionRepository:
     return await PostgresSessionRepository.open(settings)
 
 
-def _problem_openapi(app: FastAPI) -> dict[str, Any]:
-    """OpenAPI with every error answer typed as application/problem+json."""
+def _problem_openapi(app: FastAPI, documented: list[APIRoute]) -> dict[str, Any]:
+    """OpenAPI of the routes and the `documented` operations, every error typed as application/problem+json."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
             version=app.version,
             description=app.description,
-            routes=app.routes,
+            routes=[*documented, *app.routes],
             tags=app.openapi_tags,
         )
         for path in schema.get("paths", {}).values():
@@ -84,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Chat-session history for LLM and RAG applications: sessions, append-only messages, "
         "idempotent appends, optimistic concurrency. Errors are RFC 9457 problem+json.",
         lifespan=lifespan,
+        # FastAPI looks for an OpenTelemetry provider on every request (~7 µs) unless told not to.
+        telemetry={"tracing": resolved.telemetry, "metrics": resolved.telemetry, "logs": resolved.telemetry},
         docs_url=None,
         redoc_url=None,
         openapi_tags=[
@@ -93,11 +97,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     install_problem_handlers(app)
+    documented = install_appends(app, resolved)  # the innermost middleware
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
     app.include_router(health.router)
     install_docs(app)
-    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _problem_openapi(app, documented)  # type: ignore[method-assign]
     install_auth(app, resolved)
     return app

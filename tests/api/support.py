@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import httpx
 from asgi_lifespan import LifespanManager
-from starlette.requests import Request
+from starlette.types import ASGIApp
 
 from chatsessions.config import Settings
 from chatsessions.main import create_app
@@ -24,6 +24,7 @@ MERGE_PATCH = {"content-type": "application/merge-patch+json"}
 class RunningApp:
     client: httpx.AsyncClient
     repository: SessionRepository
+    asgi: ASGIApp  # the app inside its lifespan, for clients with other transport options
 
 
 @asynccontextmanager
@@ -36,22 +37,7 @@ async def running_app(settings: Settings) -> AsyncIterator[RunningApp]:
     ):
         # The lifespan state is the only way to reach the repository the app really uses.
         repository = cast(SessionRepository, manager._state["repository"])
-        yield RunningApp(client, repository)
-
-
-def request_for(method: str, path: str, body: bytes) -> Request:
-    """A bare Starlette request, to compute what a route would compute from it."""
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
-    return Request(scope, receive)
+        yield RunningApp(client, repository, manager.app)
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from tests.api.support import (
     create,
     fetch,
     problem_mismatch,
-    request_for,
     running_app,
     snapshot,
 )
@@ -293,7 +292,7 @@ async def test_append_idempotency_key_in_progress_is_409(app: RunningApp) -> Non
     await create(app.client, "s")
     body = json.dumps(user("x")).encode()
     # Stand in for a first request still running: claim the key under the fingerprint the route computes.
-    fingerprint = await request_fingerprint(request_for("POST", MESSAGES, body))
+    fingerprint = request_fingerprint("POST", MESSAGES, body)
     assert await app.repository.idempotency_begin("default", "busy", fingerprint) is None
 
     response = await app.client.post(MESSAGES, content=body, headers={**JSON, "Idempotency-Key": "busy"})

@@ -25,7 +25,6 @@ from tests.api.support import (
     create,
     fetch,
     problem_mismatch,
-    request_for,
     running_app,
     snapshot,
 )
@@ -160,7 +159,7 @@ async def test_create_idempotency_replays_a_409(client: httpx.AsyncClient) -> No
 async def test_create_idempotency_key_in_progress_is_409(app: RunningApp) -> None:
     body = json.dumps({"title": "t"}).encode()
     # Stand in for a first request still running: claim the key under the fingerprint the route computes.
-    fingerprint = await request_fingerprint(request_for("POST", "/v1/sessions", body))
+    fingerprint = request_fingerprint("POST", "/v1/sessions", body)
     assert await app.repository.idempotency_begin("default", "busy", fingerprint) is None
 
     response = await app.client.post("/v1/sessions", content=body, headers={**JSON, "Idempotency-Key": "busy"})

@@ -6,14 +6,16 @@ import hashlib
 import json
 import math
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, NamedTuple, cast
 
 from fastapi import Depends, Header, Request
 from fastapi.routing import APIRoute
+from pydantic import StringConstraints
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Send
 
-from chatsessions.api.problems import domain_problem
+from chatsessions.api.problems import PROBLEM_JSON, domain_problem
 from chatsessions.config import Settings
 from chatsessions.errors import ChatSessionsError
 from chatsessions.models import DEFAULT_TENANT, IdempotencyRequest, Precondition, Renderer, StoredResponse
@@ -63,11 +65,15 @@ async def parse_if_match(if_match: IfMatchHeader = None) -> Precondition | None:
 
 IfMatchDep = Annotated[Precondition | None, Depends(parse_if_match)]
 
+IDEMPOTENCY_KEY_CHARS = (1, 255)
+IdempotencyKey = Annotated[
+    str, StringConstraints(min_length=IDEMPOTENCY_KEY_CHARS[0], max_length=IDEMPOTENCY_KEY_CHARS[1])
+]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
-        min_length=1,
-        max_length=255,
+        min_length=IDEMPOTENCY_KEY_CHARS[0],
+        max_length=IDEMPOTENCY_KEY_CHARS[1],
         description="Retry-safe key: the same key and body replay the first answer.",
     ),
 ]
@@ -112,6 +118,11 @@ def _reject_lone_surrogates(value: Any) -> None:
             stack.extend(node)
 
 
+_STRICT_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_object_without_duplicates
+)
+
+
 def parse_strict_json(body: bytes) -> Any:
     """RFC 8259 JSON only: UTF-8, no NaN/Infinity (nor numbers that overflow to it), no duplicate keys."""
     try:
@@ -119,14 +130,13 @@ def parse_strict_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise HTTPException(400, "the body is not valid UTF-8") from exc
     try:
-        value = json.loads(
-            text,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_object_without_duplicates,
-        )
+        value = _STRICT_DECODER.decode(text)
     except RecursionError as exc:
         raise HTTPException(422, "the body is nested too deeply") from exc
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # an integer of more digits than int() takes
+        raise HTTPException(400, f"the body is not acceptable JSON: {exc}") from exc
     if "\\u" in text:  # only an escape can make a surrogate: raw ones fail the UTF-8 decode above
         _reject_lone_surrogates(value)
     return value
@@ -139,7 +149,7 @@ class StrictJSONRequest(Request):
         return self._json
 
 
-def _is_json(content_type: str) -> bool:
+def is_json_media(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
@@ -155,7 +165,7 @@ class JSONRoute(APIRoute):
             strict = StrictJSONRequest(request.scope, request.receive)
             if takes_body:
                 content_type = strict.headers.get("content-type")
-                if content_type is not None and not _is_json(content_type):
+                if content_type is not None and not is_json_media(content_type):
                     raise HTTPException(415, f"send application/json, not {content_type}")
                 if content_type is None and await strict.body():
                     raise HTTPException(415, "a body needs Content-Type: application/json")
@@ -164,33 +174,53 @@ class JSONRoute(APIRoute):
         return route_handler
 
 
-def stored_to_response(stored: StoredResponse, *, replayed: bool = False) -> Response:
-    headers = dict(stored.headers)
-    if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    media = "application/problem+json" if stored.status >= 400 else "application/json"
-    return Response(stored.body, status_code=stored.status, headers=headers, media_type=media)
+class Answer(NamedTuple):
+    """What an idempotent call answers: the stored response, and whether it is a replay."""
+
+    stored: StoredResponse
+    replayed: bool = False
+
+    def headers(self) -> dict[str, str]:
+        headers = dict(self.stored.headers)
+        if self.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return headers
+
+    @property
+    def media_type(self) -> str:
+        return PROBLEM_JSON if self.stored.status >= 400 else "application/json"
+
+    def response(self) -> Response:
+        stored = self.stored
+        return Response(stored.body, status_code=stored.status, headers=self.headers(), media_type=self.media_type)
+
+    async def send(self, send: Send) -> None:
+        """Send it as plain ASGI messages, without building a Response."""
+        body = self.stored.body
+        raw = [(b"content-type", self.media_type.encode()), (b"content-length", str(len(body)).encode())]
+        raw += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers().items()]
+        await send({"type": "http.response.start", "status": self.stored.status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
 
 
-async def request_fingerprint(request: Request) -> str:
-    digest = hashlib.sha256()
-    digest.update(request.method.encode())
-    digest.update(b"\0")
-    digest.update(request.url.path.encode())
-    digest.update(b"\0")
-    digest.update(await request.body())
-    return digest.hexdigest()
+def stored_to_response(stored: StoredResponse) -> Response:
+    return Answer(stored).response()
+
+
+def request_fingerprint(method: str, path: str, body: bytes) -> str:
+    """What an Idempotency-Key is bound to: the same key with another request is refused."""
+    return hashlib.sha256(b"\0".join((method.encode(), path.encode(), body))).hexdigest()
 
 
 async def run_idempotent(
     *,
-    request: Request,
     repository: SessionRepository,
     tenant: str,
     key: str | None,
+    fingerprint: str,
     render: Renderer,
     action: Callable[[IdempotencyRequest | None], Awaitable[StoredResponse]],
-) -> Response:
+) -> Answer:
     """Run `action` once per (tenant, key): replay a stored answer, or run and store it.
 
     A successful action stores its own answer atomically with its change (the
@@ -198,21 +228,21 @@ async def run_idempotent(
     that a retry runs again.
     """
     if key is None:
-        return stored_to_response(await action(None))
-    fingerprint = await request_fingerprint(request)
+        return Answer(await action(None))
     stored = await repository.idempotency_begin(tenant, key, fingerprint)
     if stored is not None:
-        return stored_to_response(stored, replayed=True)
+        return Answer(stored, replayed=True)
     try:
         answer = await action(IdempotencyRequest(key=key, fingerprint=fingerprint, render=render))
     except ChatSessionsError as exc:
         problem = domain_problem(exc)
-        kept = None
-        if problem.status_code < 500:
-            kept = StoredResponse(problem.status_code, bytes(problem.body), {})
-        await repository.idempotency_finish(tenant, key, kept)
-        return problem
+        body = bytes(problem.body)
+        await repository.idempotency_finish(
+            tenant, key, StoredResponse(problem.status_code, body) if problem.status_code < 500 else None
+        )
+        extra = {k: v for k, v in problem.headers.items() if k not in ("content-type", "content-length")}
+        return Answer(StoredResponse(problem.status_code, body, extra))
     except BaseException:
         await repository.idempotency_finish(tenant, key, None)
         raise
-    return stored_to_response(answer)
+    return Answer(answer)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from pydantic_core import to_json
 
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput
@@ -33,7 +34,7 @@ def check_json(value: Any, settings: Settings, loc: tuple[str | int, ...]) -> No
         raise InvalidInput(f"{loc[-1]} is nested deeper than {settings.max_json_depth} levels", loc=loc)
     if widest > settings.max_json_keys:
         raise InvalidInput(f"{loc[-1]} has an object with more than {settings.max_json_keys} keys", loc=loc)
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    size = len(to_json(value))  # compact UTF-8, as the store writes it
     if size > settings.max_json_bytes:
         raise InvalidInput(f"{loc[-1]} takes {size} bytes; at most {settings.max_json_bytes} are allowed", loc=loc)
 

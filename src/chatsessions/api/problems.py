@@ -113,12 +113,35 @@ def _validation_issues(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-async def _on_validation(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+def validation_problem(exc: RequestValidationError) -> Response:
     issues = _validation_issues(exc)
     if any(i["type"] == "json_invalid" for i in issues):
         return problem_response(400, "the body is not valid JSON", kind="malformed-json", errors_=issues)
     return problem_response(422, "the request failed validation", kind="validation-error", errors_=issues)
+
+
+def http_problem(exc: HTTPException, *, allow: str | None = None) -> Response:
+    detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and allow:
+        headers["Allow"] = allow
+    return problem_response(exc.status_code, detail, headers=headers)
+
+
+def problem_for(exc: Exception) -> Response | None:
+    """The answer to an error that is the client's or the storage's; None for a bug (500)."""
+    if isinstance(exc, RequestValidationError):
+        return validation_problem(exc)
+    if isinstance(exc, HTTPException):
+        return http_problem(exc)
+    if isinstance(exc, errors.ChatSessionsError):
+        return domain_problem(exc)
+    return None
+
+
+async def _on_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return validation_problem(exc)
 
 
 def allowed_methods(app: FastAPI, path: str) -> str | None:
@@ -152,11 +175,8 @@ def allowed_methods(app: FastAPI, path: str) -> str | None:
 
 async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
-    headers = dict(exc.headers or {})
-    if exc.status_code == 405 and (allow := allowed_methods(request.app, request.url.path)):
-        headers["Allow"] = allow
-    return problem_response(exc.status_code, detail, headers=headers)
+    allow = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
+    return http_problem(exc, allow=allow)
 
 
 async def _on_domain(request: Request, exc: Exception) -> Response:

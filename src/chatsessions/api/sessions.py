@@ -16,6 +16,7 @@ from chatsessions.api.deps import (
     RepositoryDep,
     SettingsDep,
     TenantDep,
+    request_fingerprint,
     run_idempotent,
     stored_to_response,
 )
@@ -97,14 +98,15 @@ def build_sessions_router(settings: Settings) -> APIRouter:
             session = await repository.create_session(tenant, data, idempotency=idempotency)
             return render_created(session, [])
 
-        return await run_idempotent(
-            request=request,
+        answer = await run_idempotent(
             repository=repository,
             tenant=tenant,
             key=idempotency_key,
+            fingerprint=request_fingerprint(request.method, request.scope["path"], await request.body()),
             render=render_created,
             action=action,
         )
+        return answer.response()
 
     @router.put(
         "/{session_id}",

@@ -841,53 +841,55 @@ class FileSessionRepository:
         idempotency: IdempotencyRequest | None = None,
     ) -> tuple[Session, list[Message]]:
         fname = session_file_name(tenant, session_id)
-        async with self._locks.hold(fname):
-            entry = self._entry_or_raise(tenant, session_id, if_match)
-            now = utcnow()
-            updated_us = to_us(now)
-            first_seq = entry.r_last_seq + 1
-            last_seq = entry.r_last_seq + len(messages)
-            version = entry.r_version + 1
-            offset = entry.r_size
-            added = new_messages(messages, first_seq=first_seq, now=now)
-            record = records.encode(
-                Kind.MESSAGES,
-                version=version,
-                seq=first_seq,
-                count=len(added),
-                updated_us=updated_us,
-                body=_MESSAGES.dump_json(added),
-            )
-            session = entry.session(version=version, last_seq=last_seq, updated_us=updated_us)
-            answer = idempotency.render(session, added) if idempotency else None
+        # The reservation below never awaits, so it needs no lock of its own: it only
+        # waits for the changes that hold this session's lock (patch, clear, delete).
+        await self._locks.wait_turn(fname)
+        entry = self._entry_or_raise(tenant, session_id, if_match)
+        now = utcnow()
+        updated_us = to_us(now)
+        first_seq = entry.r_last_seq + 1
+        last_seq = entry.r_last_seq + len(messages)
+        version = entry.r_version + 1
+        offset = entry.r_size
+        added = new_messages(messages, first_seq=first_seq, now=now)
+        record = records.encode(
+            Kind.MESSAGES,
+            version=version,
+            seq=first_seq,
+            count=len(added),
+            updated_us=updated_us,
+            body=_MESSAGES.dump_json(added),
+        )
+        session = entry.session(version=version, last_seq=last_seq, updated_us=updated_us)
+        answer = idempotency.render(session, added) if idempotency else None
 
-            def apply(op: Op) -> None:
-                entry.version = version
-                entry.last_seq = last_seq
-                entry.updated_us = updated_us
-                entry.size = offset + len(record)
-                index = self._cache.get(fname)
-                if index is not None and index.generation == entry.generation and index.indexed_size == offset:
-                    index.offsets.extend([offset] * len(added))
-                    index.indexed_size = entry.size
-                    index.remember(added)
-                    self._cache.put(fname, index)  # re-weigh it
-                self._finish_idempotency(tenant, idempotency, answer)
+        def apply(op: Op) -> None:
+            entry.version = version
+            entry.last_seq = last_seq
+            entry.updated_us = updated_us
+            entry.size = offset + len(record)
+            index = self._cache.get(fname)
+            if index is not None and index.generation == entry.generation and index.indexed_size == offset:
+                index.offsets.extend([offset] * len(added))
+                index.indexed_size = entry.size
+                index.remember(added)
+                self._cache.put(fname, index)  # re-weigh it
+            self._finish_idempotency(tenant, idempotency, answer)
 
-            durable = self._enqueue(
-                Op(
-                    fname,
-                    wal_entry(fname, record, self._idempotency_entry(tenant, idempotency, answer)),
-                    record=record,
-                    size_before=offset,
-                    apply=apply,
-                    entry=entry,
-                    epoch=entry.epoch,
-                )
+        durable = self._enqueue(
+            Op(
+                fname,
+                wal_entry(fname, record, self._idempotency_entry(tenant, idempotency, answer)),
+                record=record,
+                size_before=offset,
+                apply=apply,
+                entry=entry,
+                epoch=entry.epoch,
             )
-            entry.r_version, entry.r_last_seq, entry.r_size = version, last_seq, offset + len(record)
-            entry.pending = durable
-        # Wait outside the lock: the next append to this session can join the same group commit.
+        )
+        entry.r_version, entry.r_last_seq, entry.r_size = version, last_seq, offset + len(record)
+        entry.pending = durable
+        # The next append to this session can join the same group commit.
         await durable
         return session, added
 

@@ -32,5 +32,17 @@ class KeyedLocks:
             else:
                 self._locks[key] = (lock_, users - 1)
 
+    async def wait_turn(self, key: str) -> None:
+        """Return once everyone who holds or awaits `key` now is done with it.
+
+        For a critical section that never awaits: run it right after this returns,
+        without an await in between, and it is serialised with the holders of
+        `key` at no cost when nobody holds it (awaiting a coroutine that does not
+        suspend does not yield to the event loop).
+        """
+        if key in self._locks:
+            async with self.hold(key):
+                pass
+
     def __len__(self) -> int:
         return len(self._locks)
