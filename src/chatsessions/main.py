@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -75,9 +76,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         repository = await build_repository(resolved)
         log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
+        # What is alive now (modules, the app, the catalog) lives as long as the app: keep it
+        # out of the collector's full passes, which otherwise rescan it under load.
+        gc.freeze()
         try:
             yield {"repository": repository, "settings": resolved}
         finally:
+            gc.unfreeze()
             await repository.aclose()
 
     app = FastAPI(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic_core import to_json
@@ -17,12 +18,17 @@ def json_shape(value: Any) -> tuple[int, int]:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, level = stack.pop()
+        children: Iterable[Any]
         if isinstance(node, dict):
             depth, widest = max(depth, level), max(widest, len(node))
-            stack.extend((v, level + 1) for v in node.values())
+            children = node.values()
         elif isinstance(node, list):
             depth = max(depth, level)
-            stack.extend((v, level + 1) for v in node)
+            children = node
+        else:
+            continue
+        # Scalars are leaves: pushing only containers keeps the common flat object cheap.
+        stack += [(child, level + 1) for child in children if isinstance(child, dict | list)]
     return depth, widest
 
 
