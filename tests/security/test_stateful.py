@@ -38,7 +38,9 @@ STEPS = 60 if FUZZ else 25
 TENANTS = st.sampled_from(["alice", "bob"])
 IDS = st.sampled_from(["s1", "s2", "CON", "con", "x_y-9"])
 ROLES = st.sampled_from(["system", "user", "assistant", "tool"])
-TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+# No U+0000: the PostgreSQL store refuses it outside message content, as documented
+# (test_postgres.py pins that); the model here is what every backend does alike.
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), TEXT)
 IF_MATCH = st.sampled_from(["none", "current", "stale", "any"])
 KEYS = st.sampled_from(["k1", "k2", "k3"])

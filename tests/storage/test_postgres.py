@@ -27,7 +27,7 @@ import pytest_asyncio
 from asgi_lifespan import LifespanManager
 
 from chatsessions.config import Settings
-from chatsessions.errors import IdempotencyInProgress, PreconditionFailed, StorageUnavailable
+from chatsessions.errors import IdempotencyInProgress, InvalidInput, PreconditionFailed, StorageUnavailable
 from chatsessions.main import create_app
 from chatsessions.models import (
     IdempotencyRequest,
@@ -192,6 +192,20 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
 
 def render(session: Session, messages: list[Message]) -> StoredResponse:
     return StoredResponse(201, json.dumps([m.seq for m in messages]).encode(), {"ETag": session.etag})
+
+
+async def test_nul_outside_message_content_is_refused_and_changes_nothing(
+    pg_repository: PostgresSessionRepository,
+) -> None:
+    with pytest.raises(InvalidInput, match="U\\+0000"):
+        await pg_repository.create_session(A, SessionCreate(id="s", title="a\x00b"))
+    assert await pg_repository.get_session(A, "s") is None
+    created = await pg_repository.create_session(A, SessionCreate(id="s", title="ok"))
+    with pytest.raises(InvalidInput, match="U\\+0000"):
+        await pg_repository.patch_session(A, "s", SessionPatch(metadata={"k": "\x00"}))
+    assert await pg_repository.get_session(A, "s") == created
+    _, added = await pg_repository.append_messages(A, "s", [msg("content may hold \x00")])
+    assert added[0].content == "content may hold \x00"
 
 
 async def test_an_answer_committed_with_its_change_survives_a_release(pg_repository: PostgresSessionRepository) -> None:

@@ -41,7 +41,7 @@ from chatsessions.api.deps import (
     IdempotencyKeyHeader,
     IfMatchHeader,
     JSONRoute,
-    is_json_media,
+    check_json_media,
     parse_if_match,
     parse_strict_json,
     request_fingerprint,
@@ -116,12 +116,9 @@ async def read_body(receive: Receive) -> bytes:
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
     """The JSON value of the body, or None for an empty one; 415 and 400 as JSONRoute answers them."""
-    if content_type is not None and not is_json_media(content_type):
-        raise HTTPException(415, f"send application/json, not {content_type}")
+    check_json_media(content_type, body)
     if not body:
         return None
-    if content_type is None:
-        raise HTTPException(415, "a body needs Content-Type: application/json")
     try:
         return parse_strict_json(body)
     except json.JSONDecodeError as exc:

@@ -154,6 +154,14 @@ def is_json_media(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def check_json_media(content_type: str | None, body: bytes) -> None:
+    """415 unless the body is declared JSON (an empty body may go undeclared)."""
+    if content_type is not None and not is_json_media(content_type):
+        raise HTTPException(415, f"send application/json, not {content_type}")
+    if content_type is None and body:
+        raise HTTPException(415, "a body needs Content-Type: application/json")
+
+
 class JSONRoute(APIRoute):
     """Parses bodies strictly and answers 415 to a body that is not JSON."""
 
@@ -164,11 +172,7 @@ class JSONRoute(APIRoute):
         async def route_handler(request: Request) -> Response:
             strict = StrictJSONRequest(request.scope, request.receive)
             if takes_body:
-                content_type = strict.headers.get("content-type")
-                if content_type is not None and not is_json_media(content_type):
-                    raise HTTPException(415, f"send application/json, not {content_type}")
-                if content_type is None and await strict.body():
-                    raise HTTPException(415, "a body needs Content-Type: application/json")
+                check_json_media(strict.headers.get("content-type"), await strict.body())
             return await handler(strict)
 
         return route_handler

@@ -75,7 +75,7 @@ from chatsessions.models import (
     utcnow,
 )
 from chatsessions.storage import records
-from chatsessions.storage.common import new_messages, new_session, page_range, to_us
+from chatsessions.storage.common import gc_paused, new_messages, new_session, page_range, to_us
 from chatsessions.storage.idempotency import IdempotencyEntry, IdempotencyTable
 from chatsessions.storage.locks import KeyedLocks
 from chatsessions.storage.readcache import TAIL_MESSAGES, ReadCache, ReadIndex
@@ -294,9 +294,10 @@ class FileSessionRepository:
         if not self._fs.exists(path):
             self._rebuild_catalog()
             return 0, True
-        data = from_json(self._fs.read_file(path))
-        for row in data["sessions"]:
-            self._remember(Entry.from_row(row))
+        with gc_paused():  # every object built here lives on: collecting meanwhile only rescans them
+            data = from_json(self._fs.read_file(path))
+            for row in data["sessions"]:
+                self._remember(Entry.from_row(row))
         for tenant, key, fingerprint, response, expires_at in data["idempotency"]:
             self._idempotency.restore(
                 tenant, key, IdempotencyEntry(fingerprint, StoredResponse.from_json(response), expires_at)
