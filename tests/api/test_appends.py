@@ -33,6 +33,8 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
     ("form body", "/v1/sessions/s/messages", {"content-type": "text/plain"}, b"role=user"),
     ("malformed JSON", "/v1/sessions/s/messages", JSON, b'{"role": "user",'),
     ("not an object", "/v1/sessions/s/messages", JSON, b"[1, 2]"),
+    ("null body", "/v1/sessions/s/messages", JSON, b"null"),
+    ("null batch", "/v1/sessions/s/messages/batch", JSON, b"null"),
     ("NaN", "/v1/sessions/s/messages", JSON, b'{"role":"user","content":"x","metadata":{"a":NaN}}'),
     ("duplicate key", "/v1/sessions/s/messages", JSON, b'{"role":"user","role":"tool","content":"x"}'),
     ("bad role", "/v1/sessions/s/messages", JSON, json.dumps({"role": "god", "content": "x"}).encode()),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import random
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 from chatsessions.config import Settings
-from chatsessions.errors import StorageCorrupted, StorageFull, StorageLocked, StorageUnavailable
-from chatsessions.models import MessageCreate, MessageQuery, Order, Role, SessionCreate, SessionPatch
+from chatsessions.errors import PreconditionFailed, StorageCorrupted, StorageFull, StorageLocked, StorageUnavailable
+from chatsessions.models import MessageCreate, MessageQuery, Order, Precondition, Role, SessionCreate, SessionPatch
 from chatsessions.storage import records
 from chatsessions.storage.file import FileSessionRepository
 from chatsessions.storage.sessionlog import scan_log, session_file_name
@@ -313,3 +316,96 @@ async def test_a_failed_append_fences_the_appends_queued_behind_it(tmp_path: Pat
         assert await contents(reopened, "s1") == [*(text for _, text in acked), "after"]
     finally:
         await reopened.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seed", range(4))
+async def test_reads_racing_appends_and_patches_see_a_consistent_log(tmp_path: Path, seed: int) -> None:
+    """A read works on what was durable when it began: appends queued before it take effect while
+    its thread reads, and must not move the log under it (that read as corruption and quarantined
+    a healthy session)."""
+    rnd = random.Random(seed)
+    repository = await FileSessionRepository.open(settings_for(tmp_path))
+    try:
+        await repository.create_session("t", SessionCreate(id="s"))
+        pages: list[list[int]] = []
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(rnd.random() * 0.02)
+            pick = rnd.random()
+            if pick < 0.6:
+                if_match = None
+                if rnd.random() < 0.3:
+                    current = await repository.get_session("t", "s")
+                    assert current is not None
+                    if_match = Precondition(versions=frozenset({current.version}))
+                with contextlib.suppress(PreconditionFailed):
+                    await repository.append_messages("t", "s", [msg(f"m{i}")] * rnd.randint(1, 3), if_match=if_match)
+            elif pick < 0.75:
+                await repository.patch_session("t", "s", SessionPatch(title=f"p{i}"))
+            else:
+                found, _ = await repository.list_messages("t", "s", MessageQuery(limit=100))
+                pages.append([m.seq for m in found])
+
+        await asyncio.gather(*(one(i) for i in range(300)))
+        session = await repository.get_session("t", "s")
+        assert session is not None
+        everything, _ = await repository.list_messages("t", "s", MessageQuery(limit=1000))
+        assert [m.seq for m in everything] == list(range(1, session.last_seq + 1))
+        assert all(page == list(range(1, len(page) + 1)) for page in pages), pages
+    finally:
+        await repository.aclose()
+
+
+class GatedFileSystem(FileSystem):
+    """Holds the next fsync, or the next pread, until the test lets it go (threads wait, not the loop)."""
+
+    def __init__(self) -> None:
+        self.hold_fsync = self.hold_pread = False
+        self.in_fsync, self.in_pread = threading.Event(), threading.Event()
+        self.fsync_go, self.pread_go = threading.Event(), threading.Event()
+
+    def fsync(self, fd: int) -> None:
+        if self.hold_fsync:
+            self.hold_fsync = False
+            self.in_fsync.set()
+            self.fsync_go.wait(10)
+        super().fsync(fd)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        if self.hold_pread:
+            self.hold_pread = False
+            self.in_pread.set()
+            self.pread_go.wait(10)
+        return super().pread(fd, size, offset)
+
+
+@pytest.mark.asyncio
+async def test_an_append_applied_while_a_read_is_on_disk_is_read_next_time(tmp_path: Path) -> None:
+    fs = GatedFileSystem()
+    repository = await FileSessionRepository.open(settings_for(tmp_path), fs=fs)
+    try:
+        await repository.create_session("t", SessionCreate(id="s"))
+        await repository.append_messages("t", "s", [msg("a"), msg("b")])
+        await repository.list_messages("t", "s", MessageQuery())  # caches the index
+        await repository.patch_session("t", "s", SessionPatch(title="moves the log past the index"))
+
+        fs.hold_fsync = True
+        append = asyncio.create_task(repository.append_messages("t", "s", [msg("c")]))
+        assert await asyncio.to_thread(fs.in_fsync.wait, 10)  # queued, not yet applied
+        fs.hold_pread = True
+        read = asyncio.create_task(repository.list_messages("t", "s", MessageQuery()))
+        assert await asyncio.to_thread(fs.in_pread.wait, 10)  # the read's thread is on disk
+        fs.fsync_go.set()
+        await append  # applied while the read is still reading
+        fs.pread_go.set()
+
+        first, _ = await read
+        assert [m.content for m in first] == ["a", "b"]  # what was there when the read began
+        again, _ = await repository.list_messages("t", "s", MessageQuery())
+        assert [m.content for m in again] == ["a", "b", "c"]
+        assert (await repository.get_message("t", "s", 3)).content == "c"
+    finally:
+        fs.fsync_go.set()
+        fs.pread_go.set()
+        await repository.aclose()

@@ -114,11 +114,14 @@ async def read_body(receive: Receive) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+NO_BODY: Any = object()  # not None: a body of JSON `null` is a value, and fails validation as one
+
+
 def parse_body(body: bytes, content_type: str | None) -> Any:
-    """The JSON value of the body, or None for an empty one; 415 and 400 as JSONRoute answers them."""
+    """The JSON value of the body, or NO_BODY for an empty one; 415 and 400 as JSONRoute answers them."""
     check_json_media(content_type, body)
     if not body:
-        return None
+        return NO_BODY
     try:
         return parse_strict_json(body)
     except json.JSONDecodeError as exc:
@@ -176,7 +179,7 @@ class AppendLane:
             except ValidationError as exc:
                 issues += _issues(exc, "header", "idempotency-key")
         parsed: Any = None
-        if value is None:
+        if value is NO_BODY:
             issues.append({"type": "missing", "loc": ("body",), "msg": "Field required", "input": None})
         else:
             try:
@@ -184,7 +187,7 @@ class AppendLane:
             except ValidationError as exc:
                 issues += _issues(exc, "body")
         if issues:
-            raise RequestValidationError(issues, body=value)
+            raise RequestValidationError(issues, body=None if value is NO_BODY else value)
 
         messages = kind.messages(parsed)
         check_messages(messages, self.settings, kind.loc)

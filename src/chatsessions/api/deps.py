@@ -136,7 +136,7 @@ def parse_strict_json(body: bytes) -> Any:
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # an integer of more digits than int() takes
-        raise HTTPException(400, f"the body is not acceptable JSON: {exc}") from exc
+        raise HTTPException(400, "the body has an integer of more digits than this service reads") from exc
     if "\\u" in text:  # only an escape can make a surrogate: raw ones fail the UTF-8 decode above
         _reject_lone_surrogates(value)
     return value

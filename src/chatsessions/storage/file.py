@@ -146,6 +146,16 @@ def split_wal_entry(payload: memoryview) -> tuple[str, bytes, bytes]:
     return raw_name.decode(), bytes(payload[start : start + length]), bytes(payload[start + length :])
 
 
+@dataclass(frozen=True, slots=True)
+class LogView:
+    """A session log as a read sees it: what was durable and applied when the read began."""
+
+    fname: str
+    generation: int
+    size: int
+    last_seq: int
+
+
 @dataclass(slots=True)
 class Checkpoint:
     files: set[str]  # session logs written since the last checkpoint
@@ -964,26 +974,30 @@ class FileSessionRepository:
         if index.indexed_size == entry.size and (recent := index.from_tail(first, last)) is not None:
             self._cache.get(entry.fname)  # a hit keeps it young
             return recent
+        # Appends queued before this read took the lock are applied while the thread reads:
+        # the thread works on what is durable now, and on an index nobody else extends.
+        view = LogView(entry.fname, entry.generation, size=entry.size, last_seq=entry.last_seq)
+        self._cache.drop(entry.fname)
         loop = asyncio.get_running_loop()
         try:
-            found, index = await loop.run_in_executor(None, self._read_sync, entry, index, first, last)
+            found, index = await loop.run_in_executor(None, self._read_sync, view, index, first, last)
         except records.Corrupted as exc:
             entry.corrupted = True
             raise StorageCorrupted(f"session {entry.id!r} failed its checksum at byte {exc.offset}") from exc
         except OSError as exc:
             raise StorageUnavailable(f"could not read the session log: {exc.strerror}") from exc
-        self._cache.put(entry.fname, index)
+        self._cache.put(entry.fname, index)  # indexed up to `view.size`: the next read extends it
         return found
 
-    def _read_sync(self, entry: Entry, index: ReadIndex, first: int, last: int) -> tuple[list[Message], ReadIndex]:
-        fd = self._fs.open(self._path(entry.fname), os.O_RDONLY)
+    def _read_sync(self, view: LogView, index: ReadIndex, first: int, last: int) -> tuple[list[Message], ReadIndex]:
+        fd = self._fs.open(self._path(view.fname), os.O_RDONLY)
         try:
-            if index.indexed_size < entry.size:
-                index = self._extend_index(fd, entry, index)
+            if index.indexed_size < view.size:
+                index = self._extend_index(fd, view, index)
             start = index.offsets[first - index.first_live]
             # A batch is one record: stop at the first record after the one holding `last`.
             following = bisect.bisect_right(index.offsets, index.offsets[last - index.first_live])
-            stop = index.offsets[following] if following < len(index.offsets) else entry.size
+            stop = index.offsets[following] if following < len(index.offsets) else view.size
             data = self._fs.pread(fd, stop - start, start)
         finally:
             self._fs.close(fd)
@@ -996,18 +1010,18 @@ class FileSessionRepository:
                 found.extend(m for m in _MESSAGES.validate_json(bytes(rec.body)) if first <= m.seq <= last)
         if len(found) != last - first + 1:
             raise records.Corrupted(start)
-        if last == entry.last_seq and index.indexed_size == entry.size:
+        if last == view.last_seq and index.indexed_size == view.size:
             index.remember(found[-TAIL_MESSAGES:])
         return found, index
 
-    def _extend_index(self, fd: int, entry: Entry, index: ReadIndex) -> ReadIndex:
+    def _extend_index(self, fd: int, view: LogView, index: ReadIndex) -> ReadIndex:
         """Index the log from where the cached index stops to the acknowledged end."""
         if index.indexed_size == 0:
-            state = scan_log(self._fs.pread(fd, entry.size, 0))
-            if state is None or state.valid_end != entry.size:
+            state = scan_log(self._fs.pread(fd, view.size, 0))
+            if state is None or state.valid_end != view.size:
                 raise records.Corrupted(state.valid_end if state else 0)
-            return ReadIndex(entry.generation, state.first_live, state.offsets, entry.size)
-        data = self._fs.pread(fd, entry.size - index.indexed_size, index.indexed_size)
+            return ReadIndex(view.generation, state.first_live, state.offsets, view.size)
+        data = self._fs.pread(fd, view.size - index.indexed_size, index.indexed_size)
         recs, end = records.decode(data)
         if end != len(data):
             raise records.Corrupted(index.indexed_size + end)
@@ -1015,8 +1029,8 @@ class FileSessionRepository:
             if rec.kind is Kind.MESSAGES:
                 index.offsets.extend([index.indexed_size + rec.offset] * rec.count)
             elif rec.kind is Kind.CLEARED:
-                index = ReadIndex(entry.generation, rec.seq + 1, array("q"), index.indexed_size)
-        index.indexed_size = entry.size
+                index = ReadIndex(view.generation, rec.seq + 1, array("q"), index.indexed_size)
+        index.indexed_size = view.size
         return index
 
     # --- idempotency and health -------------------------------------------
