@@ -53,6 +53,12 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
 ]
 
 
+@pytest_asyncio.fixture
+async def app(settings: Settings) -> AsyncIterator[RunningApp]:
+    async with running_app(settings) as running:
+        yield running
+
+
 def _essence(response: httpx.Response) -> tuple[int, str, list[tuple[Any, ...]]]:
     body = response.json()
     issues = [(tuple(i["loc"]), i["type"], i["msg"]) for i in body.get("errors") or []]
@@ -147,9 +153,3 @@ async def test_append_answers_carry_their_headers(app: RunningApp) -> None:
     assert batch.headers["etag"] == '"3"'
     assert "location" not in batch.headers
     assert [m["seq"] for m in batch.json()["items"]] == [2, 3]
-
-
-@pytest_asyncio.fixture
-async def app(settings: Settings) -> AsyncIterator[RunningApp]:
-    async with running_app(settings) as running:
-        yield running

@@ -44,7 +44,6 @@ from chatsessions.api.deps import (
     check_json_media,
     parse_if_match,
     parse_strict_json,
-    request_fingerprint,
     run_idempotent,
 )
 from chatsessions.api.limits import check_messages
@@ -103,7 +102,10 @@ def _issues(exc: ValidationError, *loc: str) -> list[dict[str, Any]]:
 
 
 async def read_body(receive: Receive) -> bytes:
-    """The whole request body (the body-limit middleware stops it at the limit)."""
+    """The whole request body (the body-limit middleware stops it at the limit).
+
+    Starlette's `Request(scope, receive).body()` does the same for ~6 µs more an append.
+    """
     chunks: list[bytes] = []
     while True:
         message = await receive()
@@ -208,7 +210,7 @@ class AppendLane:
             repository=repository,
             tenant=tenant,
             key=key,
-            fingerprint=request_fingerprint(scope["method"], scope["path"], body),
+            request=(scope["method"], scope["path"], body),
             render=render,
             action=action,
         )

@@ -65,17 +65,10 @@ async def parse_if_match(if_match: IfMatchHeader = None) -> Precondition | None:
 
 IfMatchDep = Annotated[Precondition | None, Depends(parse_if_match)]
 
-IDEMPOTENCY_KEY_CHARS = (1, 255)
-IdempotencyKey = Annotated[
-    str, StringConstraints(min_length=IDEMPOTENCY_KEY_CHARS[0], max_length=IDEMPOTENCY_KEY_CHARS[1])
-]
+IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        min_length=IDEMPOTENCY_KEY_CHARS[0],
-        max_length=IDEMPOTENCY_KEY_CHARS[1],
-        description="Retry-safe key: the same key and body replay the first answer.",
-    ),
+    IdempotencyKey | None,
+    Header(description="Retry-safe key: the same key and body replay the first answer."),
 ]
 
 
@@ -221,11 +214,13 @@ async def run_idempotent(
     repository: SessionRepository,
     tenant: str,
     key: str | None,
-    fingerprint: str,
+    request: tuple[str, str, bytes],
     render: Renderer,
     action: Callable[[IdempotencyRequest | None], Awaitable[StoredResponse]],
 ) -> Answer:
     """Run `action` once per (tenant, key): replay a stored answer, or run and store it.
+
+    `request` is (method, path, body): what the key is bound to (hashed only when there is a key).
 
     A successful action stores its own answer atomically with its change (the
     backend calls `render`); a 4xx is stored here; a 5xx releases the key so
@@ -233,6 +228,7 @@ async def run_idempotent(
     """
     if key is None:
         return Answer(await action(None))
+    fingerprint = request_fingerprint(*request)
     stored = await repository.idempotency_begin(tenant, key, fingerprint)
     if stored is not None:
         return Answer(stored, replayed=True)

@@ -16,7 +16,6 @@ from chatsessions.api.deps import (
     RepositoryDep,
     SettingsDep,
     TenantDep,
-    request_fingerprint,
     run_idempotent,
     stored_to_response,
 )
@@ -102,7 +101,7 @@ def build_sessions_router(settings: Settings) -> APIRouter:
             repository=repository,
             tenant=tenant,
             key=idempotency_key,
-            fingerprint=request_fingerprint(request.method, request.scope["path"], await request.body()),
+            request=(request.method, request.scope["path"], await request.body()),
             render=render_created,
             action=action,
         )

@@ -1,11 +1,8 @@
-"""Logic every backend shares: building sessions and messages, paging arithmetic, bulk loading."""
+"""Logic every backend shares: building sessions and messages, paging arithmetic."""
 
 from __future__ import annotations
 
-import gc
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from chatsessions.models import (
@@ -103,15 +100,3 @@ def is_after_cursor(cursor: SessionCursor | None, updated_at: datetime, session_
     if cursor is None:
         return True
     return listing_key(updated_at, session_id) > listing_key(cursor.updated_at, cursor.id)
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside: for building many long-lived objects at once."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

@@ -31,13 +31,14 @@ import asyncio
 import bisect
 import contextlib
 import errno
+import gc
 import logging
 import os
 import struct
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ from chatsessions.models import (
     utcnow,
 )
 from chatsessions.storage import records
-from chatsessions.storage.common import gc_paused, new_messages, new_session, page_range, to_us
+from chatsessions.storage.common import new_messages, new_session, page_range, to_us
 from chatsessions.storage.idempotency import IdempotencyEntry, IdempotencyTable
 from chatsessions.storage.locks import KeyedLocks
 from chatsessions.storage.readcache import TAIL_MESSAGES, ReadCache, ReadIndex
@@ -89,6 +90,18 @@ WAL_HEAD = struct.Struct("<32sI")  # session file name, length of the session re
 COMPACT_MIN_BYTES = 64 * 1024  # a clear rewrites the log as a snapshot past this size
 FD_CACHE = 256
 _MESSAGES = TypeAdapter(list[Message])
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: for building many long-lived objects at once."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def probe_data_dir_lock(data_dir: Path, fs: FileSystem | None = None) -> None:
