@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class StoreKind(StrEnum):
-    file = "file"
+    sqlite = "sqlite"
     memory = "memory"
     postgres = "postgres"
 
@@ -25,17 +25,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHATSESSIONS_", extra="ignore")
 
-    store: StoreKind = Field(StoreKind.file, description="Storage backend: file, memory or postgres.")
-    data_dir: Path = Field(Path("sessions"), description="Directory of the file store.")
+    store: StoreKind = Field(
+        StoreKind.sqlite, description="Storage backend: sqlite (embedded), memory (sqlite in RAM) or postgres."
+    )
+    data_dir: Path = Field(Path("sessions"), description="Directory of the sqlite store (one database file).")
     host: str = Field("127.0.0.1", description="Address `chatsessions serve` binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port `chatsessions serve` listens on.")
     fsync: FsyncMode = Field(
         FsyncMode.always, description="always: acknowledge after fsync; never: leave it to the OS."
     )
-    cache_sessions: int = Field(10_000, ge=1, description="File store: most sessions kept in memory.")
-    cache_bytes: int = Field(64 * 2**20, ge=1, description="File store: most bytes of session state kept in memory.")
+    cache_sessions: int = Field(10_000, ge=1, description="Embedded store: most sessions kept in memory.")
+    cache_bytes: int = Field(
+        64 * 2**20, ge=1, description="Embedded store: most bytes of session state kept in memory."
+    )
     wal_segment_bytes: int = Field(
-        64 * 2**20, ge=4096, description="File store: write-ahead log size that triggers a checkpoint."
+        64 * 2**20, ge=4096, description="Embedded store: write-ahead log size that triggers a checkpoint."
     )
     max_body_bytes: int = Field(4 * 2**20, ge=1, description="Largest request body; 413 beyond.")
     max_content_bytes: int = Field(2**20, ge=1, description="Largest message content (UTF-8 bytes); 422 beyond.")
@@ -47,6 +51,9 @@ class Settings(BaseSettings):
         1000, ge=1, description="Most members of one object in metadata, references or settings; 422 beyond."
     )
     max_page_messages: int = Field(1000, ge=1, description="Largest `limit` of a message page.")
+    max_page_bytes: int = Field(
+        8 * 2**20, ge=1, description="Most content bytes in one message page; the page stops early with has_more."
+    )
     max_page_sessions: int = Field(100, ge=1, description="Largest `limit` of a session listing.")
     idempotency_ttl_seconds: float = Field(86_400.0, ge=1, description="How long Idempotency-Keys are kept.")
     postgres_dsn: str | None = Field(None, description="PostgreSQL DSN, for store=postgres.")

@@ -30,6 +30,39 @@ from chatsessions.models import (
 )
 
 
+class StoreObserver(Protocol):
+    """What a backend reports for metrics; called from any thread, so it must be thread-safe.
+
+    Storage never imports a metrics library: the app passes an observer in
+    (`api/metrics.py` turns these calls into Prometheus series).
+    """
+
+    def commit(self, *, changes: int, seconds: float) -> None:
+        """One transaction committed (or failed) holding `changes` changes, taking `seconds`."""
+        ...
+
+    def queue_depth(self, depth: int) -> None:
+        """Changes waiting for the writer right now."""
+        ...
+
+    def cache(self, *, hit: bool) -> None:
+        """A read served from the backend's cache (hit) or from the database (miss)."""
+        ...
+
+
+class NullObserver:
+    """The observer of a backend built without metrics."""
+
+    def commit(self, *, changes: int, seconds: float) -> None:
+        pass
+
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def cache(self, *, hit: bool) -> None:
+        pass
+
+
 class SessionRepository(Protocol):
     """Chat sessions and their append-only message logs."""
 
