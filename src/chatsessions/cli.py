@@ -75,13 +75,13 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if settings.store is StoreKind.file:
-        from chatsessions.errors import StorageLocked
-        from chatsessions.storage.file import probe_data_dir_lock
+    if settings.store is StoreKind.sqlite:
+        from chatsessions.errors import StorageUnavailable
+        from chatsessions.storage.sqlite.schema import probe_data_dir_lock
 
         try:
             probe_data_dir_lock(settings.data_dir)
-        except StorageLocked as exc:
+        except StorageUnavailable as exc:
             print(f"chatsessions: {exc}", file=sys.stderr)
             return 3
     uvicorn.run(
