@@ -299,6 +299,23 @@ async def test_the_head_cache_stays_bounded(tmp_path: Path) -> None:
         await repository.aclose()
 
 
+async def test_the_head_cache_stays_within_its_bytes(tmp_path: Path) -> None:
+    repository = await SqliteSessionRepository.open(settings_for(tmp_path / "data", cache_bytes=20_000))
+    try:
+        for i in range(30):
+            await repository.create_session(T, SessionCreate(id=f"s{i}", metadata={"blob": "x" * 3000}))
+            session, _ = await repository.append_messages(T, f"s{i}", user("hi"))
+            assert session.metadata == {"blob": "x" * 3000}
+        heads = repository._writer._heads
+        assert 0 < heads.bytes <= 20_000
+        assert len(heads) < 30
+        for i in range(30):  # evicted heads come back from the database, intact
+            session, _ = await repository.append_messages(T, f"s{i}", user("again"))
+            assert (session.last_seq, session.metadata) == (2, {"blob": "x" * 3000})
+    finally:
+        await repository.aclose()
+
+
 async def test_the_memory_store_is_private_and_gone_after_close() -> None:
     memory = Settings.model_validate({"store": "memory"})
     one = await SqliteSessionRepository.open(memory)

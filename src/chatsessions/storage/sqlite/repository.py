@@ -108,6 +108,7 @@ class SqliteSessionRepository:
         writer = Writer(
             lambda: location.connect(readonly=False),
             cache_sessions=settings.cache_sessions,
+            cache_bytes=settings.cache_bytes,
             observer=observer or NullObserver(),
         )
 
@@ -175,10 +176,11 @@ class SqliteSessionRepository:
         session = new_session(data, now=utcnow())
 
         def change(tx: Tx) -> Session:
-            row = next(tx.conn.execute(rows.INSERT_SESSION, rows.session_values(tenant, session)), None)
+            values = rows.session_values(tenant, session)
+            row = next(tx.conn.execute(rows.INSERT_SESSION, values), None)
             if row is None:
                 raise SessionExists(session.id)
-            head = Head(row[0], session)
+            head = Head(row[0], session, rows.head_size(*values[5:8]))
             tx.put_head((tenant, session.id), head)
             self._store_answer(tx, tenant, idempotency, head, [])
             return session
@@ -193,8 +195,9 @@ class SqliteSessionRepository:
             with contextlib.suppress(SessionNotFound):
                 return self._head(tx, key).session, False
             session = new_session(data, session_id=session_id, now=utcnow())
-            (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, rows.session_values(tenant, session)))
-            tx.put_head(key, Head(pk, session))
+            values = rows.session_values(tenant, session)
+            (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
+            tx.put_head(key, Head(pk, session, rows.head_size(*values[5:8])))
             return session, True
 
         result: tuple[Session, bool] = await self._write(change)
@@ -234,8 +237,9 @@ class SqliteSessionRepository:
         def change(tx: Tx) -> Session:
             head = self._head(tx, key, if_match)
             session = patch_session(head.session, changes, now=change_time(head.session))
-            tx.conn.execute(rows.UPDATE_SESSION, rows.update_values(head.pk, session))
-            tx.put_head(key, Head(head.pk, session))
+            values = rows.update_values(head.pk, session)
+            tx.conn.execute(rows.UPDATE_SESSION, values)
+            tx.put_head(key, Head(head.pk, session, rows.head_size(*values[3:6])))
             return session
 
         result: Session = await self._write(change)
@@ -272,7 +276,7 @@ class SqliteSessionRepository:
             tx.conn.executemany(rows.INSERT_MESSAGE, [rows.message_values(head.pk, m) for m in added])
             session = after_append(head.session, len(added), now=now)
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
-            new_head = Head(head.pk, session)
+            new_head = head.moved(session)
             tx.put_head(key, new_head)
             self._store_answer(tx, tenant, idempotency, new_head, added)
             return session, added
@@ -329,7 +333,7 @@ class SqliteSessionRepository:
             tx.conn.execute(rows.DELETE_MESSAGES, (head.pk,))
             session = after_clear(head.session, now=change_time(head.session))
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
-            tx.put_head(key, Head(head.pk, session))
+            tx.put_head(key, head.moved(session))
             return session
 
         result: Session = await self._write(change)

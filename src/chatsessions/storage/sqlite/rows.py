@@ -72,7 +72,16 @@ def head_from(row: tuple[Any, ...]) -> Head:
             "updated_at": from_us(updated),
         }
     )
-    return Head(pk, session)
+    return Head(pk, session, head_size(title, settings, metadata))
+
+
+# What a cached head costs beyond its JSON fields: the Session object, its strings, the LRU entry.
+HEAD_OVERHEAD_BYTES = 1024
+
+
+def head_size(title: str | None, settings: str, metadata: str) -> int:
+    """Estimated memory of a cached head, from its variable fields as stored."""
+    return HEAD_OVERHEAD_BYTES + len(title or "") + len(settings) + len(metadata)
 
 
 def session_values(tenant: str, session: Session) -> tuple[Any, ...]:

@@ -51,17 +51,27 @@ _SYNC_FAILURES = {apsw.SQLITE_IOERR_FSYNC, apsw.SQLITE_IOERR_DIR_FSYNC}
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """A session's row id and its current state, as the writer last committed it."""
+    """A session's row id and its current state, as the writer last committed it.
+
+    `size` estimates the bytes it holds in memory (its JSON fields and a fixed overhead).
+    """
 
     pk: int
     session: Session
+    size: int
+
+    def moved(self, session: Session) -> Head:
+        """The same session after a change of its counters only (its size stays)."""
+        return Head(self.pk, session, self.size)
 
 
 class HeadCache:
-    """LRU of session heads, touched only by the writer thread (so it needs no lock)."""
+    """LRU of session heads, bounded in count and in bytes; touched only by the writer thread."""
 
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
+    def __init__(self, *, max_heads: int, max_bytes: int) -> None:
+        self._max_heads = max_heads
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._heads: OrderedDict[HeadKey, Head] = OrderedDict()
 
     def get(self, key: HeadKey) -> Head | None:
@@ -71,13 +81,23 @@ class HeadCache:
         return head
 
     def put(self, key: HeadKey, head: Head) -> None:
+        old = self._heads.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
         self._heads[key] = head
-        self._heads.move_to_end(key)
-        if len(self._heads) > self._capacity:
-            self._heads.popitem(last=False)
+        self._bytes += head.size
+        while len(self._heads) > self._max_heads or (self._bytes > self._max_bytes and len(self._heads) > 1):
+            _, evicted = self._heads.popitem(last=False)
+            self._bytes -= evicted.size
 
     def drop(self, key: HeadKey) -> None:
-        self._heads.pop(key, None)
+        old = self._heads.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._heads)
@@ -129,10 +149,11 @@ class Writer:
         connect: Callable[[], apsw.Connection],
         *,
         cache_sessions: int,
+        cache_bytes: int,
         observer: StoreObserver,
     ) -> None:
         self._connect = connect
-        self._heads = HeadCache(cache_sessions)
+        self._heads = HeadCache(max_heads=cache_sessions, max_bytes=cache_bytes)
         self._observer = observer
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._failed = False
