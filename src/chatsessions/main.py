@@ -22,7 +22,7 @@ from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.config import Settings, StoreKind
-from chatsessions.storage.base import SessionRepository
+from chatsessions.storage.base import SessionRepository, StoreObserver
 
 log = logging.getLogger("chatsessions")
 
@@ -32,16 +32,12 @@ class State(TypedDict):
     settings: Settings
 
 
-async def build_repository(settings: Settings) -> SessionRepository:
-    """Open the backend that `settings.store` names."""
-    if settings.store is StoreKind.memory:
-        from chatsessions.storage.memory import MemorySessionRepository
+async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
+    """Open the backend that `settings.store` names; `observer` receives its metrics."""
+    if settings.store in (StoreKind.sqlite, StoreKind.memory):
+        from chatsessions.storage.sqlite import SqliteSessionRepository
 
-        return MemorySessionRepository(idempotency_ttl=settings.idempotency_ttl_seconds)
-    if settings.store is StoreKind.file:
-        from chatsessions.storage.file import FileSessionRepository
-
-        return await FileSessionRepository.open(settings)
+        return await SqliteSessionRepository.open(settings, observer=observer)
     from chatsessions.storage.postgres import PostgresSessionRepository
 
     return await PostgresSessionRepository.open(settings)
