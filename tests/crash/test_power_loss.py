@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.powerloss import SCRIPT, crash_once, dry_run, scratch_parent
+from tests.crash.powerloss import SCRIPT, crash_once, dry_run, random_iterations, scratch_parent
 
 
 @pytest.fixture
@@ -53,3 +53,12 @@ async def test_the_simulation_catches_commits_no_sync_covered(scratch: Path) -> 
         assert not [p for p in outcome.problems if "kill -9" in p]
         shutil.rmtree(scratch / str(point))
     assert caught
+
+
+@pytest.mark.asyncio
+async def test_random_crash_points_with_random_unsynced_writes_kept() -> None:
+    """A few of `make crash`'s runs: half of them keep a random subset of unsynced writes, some torn."""
+    totals = await random_iterations(40, seed=20261202)
+    assert totals.runs == 40
+    assert totals.acked > 0
+    assert not totals.problems, "\n".join(totals.problems[:5])

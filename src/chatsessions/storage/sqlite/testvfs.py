@@ -34,6 +34,13 @@ itself is what a kill -9 at that point leaves: the page cache survives.
 The wal-index (`-shm`) is shared memory SQLite rebuilds from the WAL after a
 crash; it is not part of an image.
 
+One difference from a real disk: apsw re-raises every exception a Python VFS
+method raised, even where SQLite itself ignores the failure (an automatic
+checkpoint after a commit, closing a connection). So an injected fault there
+fails the statement that ran into it, where the unix VFS would fail nothing:
+the store under test sees more failures than a real disk gives it, never
+fewer.
+
 Use it as a context manager, or call `unregister()`: SQLite's registry of
 VFS names is process-wide, so every instance registers under its own name.
 """
@@ -81,7 +88,7 @@ class Call:
         return f"{self.op} {name}"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Fault:
     """Fail the calls that match, `times` of them (-1: every one), with what `errno` makes SQLite report."""
 
@@ -233,8 +240,7 @@ class FaultyVFS(apsw.VFS):
             yield fault
         finally:
             with self._lock:
-                if fault in self.faults:
-                    self.faults.remove(fault)
+                self.faults = [other for other in self.faults if other is not fault]
 
     # --- power loss
 
