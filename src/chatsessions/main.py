@@ -22,6 +22,7 @@ from chatsessions.api.messages import build_messages_router
 from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
 from chatsessions.api.search import build_search_router
+from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.storage.base import SessionRepository, StoreObserver
@@ -111,4 +112,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app, documented)  # type: ignore[method-assign]
     install_auth(app, resolved)
+    app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
     return app
