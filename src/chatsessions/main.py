@@ -16,10 +16,13 @@ from chatsessions import __version__
 from chatsessions.api import health
 from chatsessions.api.appends import install_appends
 from chatsessions.api.auth import install_auth
+from chatsessions.api.citations import build_citations_router
 from chatsessions.api.docs import install_docs
 from chatsessions.api.messages import build_messages_router
 from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
+from chatsessions.api.search import build_search_router
+from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.storage.base import SessionRepository, StoreObserver
@@ -94,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=[
             {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
             {"name": "messages", "description": "Append to and page through a session's history."},
+            {"name": "search", "description": "Full-text search of messages, and the citations index."},
             {"name": "health", "description": "Probes for orchestrators."},
         ],
     )
@@ -102,8 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
+    app.include_router(build_search_router(resolved))
+    app.include_router(build_citations_router(resolved))
     app.include_router(health.router)
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app, documented)  # type: ignore[method-assign]
     install_auth(app, resolved)
+    app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
     return app

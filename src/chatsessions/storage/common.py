@@ -152,6 +152,13 @@ def listing_sql(
         if value is not None:
             args.append(value)
             where.append(f"{column} = {placeholder(len(args))}")
+    if filters.cited_doc_id is not None:
+        args.append(filters.cited_doc_id)
+        # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
+        where.append(
+            f"id IN (SELECT session_id FROM citations WHERE tenant = {placeholder(1)} "
+            f"AND doc_id = {placeholder(len(args))})"
+        )
     if cursor is not None:
         args += [moment(cursor.updated_at), cursor.id]
         t, i = placeholder(len(args) - 1), placeholder(len(args))
@@ -177,3 +184,12 @@ def seq_bounds(query: MessageQuery) -> tuple[int, int]:
     after = 0 if query.after is None else min(max(query.after, 0), MAX_SEQ)
     before = MAX_SEQ if query.before is None else min(max(query.before, 0), MAX_SEQ)
     return after, before
+
+
+def cited_doc_ids(references: list[Any] | None) -> list[tuple[int, str, Any]]:
+    """(index, doc_id, reference) of each reference whose `doc_id` member is a string."""
+    return [
+        (i, ref["doc_id"], ref)
+        for i, ref in enumerate(references or [])
+        if isinstance(ref, dict) and isinstance(ref.get("doc_id"), str)
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from typing import Any
 
@@ -30,12 +31,19 @@ from chatsessions.errors import (
     StorageFailed,
 )
 from chatsessions.models import (
+    Citation,
+    CitationCursor,
+    CitationFilter,
+    CitationListing,
     IdempotencyRequest,
     Message,
     MessageCreate,
     MessageQuery,
     Order,
     Precondition,
+    SearchFilter,
+    SearchHit,
+    SearchResult,
     Session,
     SessionCreate,
     SessionCursor,
@@ -52,6 +60,8 @@ from chatsessions.storage.common import (
     after_clear,
     change_time,
     check_precondition,
+    cited_doc_ids,
+    from_us,
     listing_page,
     listing_sql,
     new_messages,
@@ -63,8 +73,21 @@ from chatsessions.storage.sqlite import rows
 from chatsessions.storage.sqlite.reader import Readers
 from chatsessions.storage.sqlite.schema import DataDirLock, Location, configure_writer, migrate
 from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
+from chatsessions.text import SearchQuery, content_text, index_words, match_expression, snippet
 
 log = logging.getLogger("chatsessions.sqlite")
+
+
+def tenant_token(tenant: str) -> str:
+    """The word that scopes a tenant's messages in the full-text index (letters and digits only)."""
+    return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
+
+
+def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
+    """` AND <alias>.<column> = ?` for each given filter, and the arguments."""
+    given = [(column, value) for column, value in equal.items() if value is not None]
+    return "".join(f" AND {alias}.{column} = ?" for column, _ in given), [value for _, value in given]
+
 
 READER_THREADS = 4
 PURGE_INTERVAL_SECONDS = 60.0
@@ -158,6 +181,27 @@ class SqliteSessionRepository:
         headers = to_json(answer.headers).decode()
         conn.execute(rows.STORE_ANSWER, (tenant, key, fingerprint, answer.status, answer.body, headers, pk, expires))
 
+    @staticmethod
+    def _insert_messages(conn: apsw.Connection, tenant: str, session_id: str, pk: int, added: list[Message]) -> None:
+        """Insert messages with their full-text words and citations (in the caller's transaction)."""
+        tenant_scope = tenant_token(tenant)
+        for message in added:
+            (rowid,) = next(conn.execute(rows.INSERT_MESSAGE, rows.message_values(pk, message)))
+            found = index_words(content_text(message.content))
+            if found:
+                conn.execute(rows.INDEX_WORDS, (rowid, f"{tenant_scope} r{message.role.value}", " ".join(found)))
+            created = to_us(message.created_at)
+            for ordinal, doc_id, reference in cited_doc_ids(message.references):
+                citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
+                conn.execute(rows.INSERT_CITATION, citation)
+
+    @staticmethod
+    def _delete_messages(conn: apsw.Connection, pk: int) -> None:
+        """Delete a session's messages, their words and their citations."""
+        conn.execute(rows.UNINDEX_SESSION, (pk,))
+        conn.execute(rows.DELETE_CITATIONS, (pk,))
+        conn.execute(rows.DELETE_MESSAGES, (pk,))
+
     async def _write(self, change: Any, *, idempotency: IdempotencyRequest | None = None, tenant: str = "") -> Any:
         """Submit a change; a key claimed for it is released once its answer committed with it.
 
@@ -250,7 +294,7 @@ class SqliteSessionRepository:
 
         def change(tx: Tx) -> None:
             head = self._head(tx, key, if_match)
-            tx.conn.execute(rows.DELETE_MESSAGES, (head.pk,))
+            self._delete_messages(tx.conn, head.pk)
             tx.conn.execute(rows.DELETE_SESSION, (head.pk,))
             tx.drop_head(key)
 
@@ -273,7 +317,7 @@ class SqliteSessionRepository:
             head = self._head(tx, key, if_match)
             now = change_time(head.session)
             added = new_messages(messages, first_seq=head.session.last_seq + 1, now=now)
-            tx.conn.executemany(rows.INSERT_MESSAGE, [rows.message_values(head.pk, m) for m in added])
+            self._insert_messages(tx.conn, tenant, session_id, head.pk, added)
             session = after_append(head.session, len(added), now=now)
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             new_head = head.moved(session)
@@ -330,7 +374,7 @@ class SqliteSessionRepository:
 
         def change(tx: Tx) -> Session:
             head = self._head(tx, key, if_match)
-            tx.conn.execute(rows.DELETE_MESSAGES, (head.pk,))
+            self._delete_messages(tx.conn, head.pk)
             session = after_clear(head.session, now=change_time(head.session))
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             tx.put_head(key, head.moved(session))
@@ -338,6 +382,70 @@ class SqliteSessionRepository:
 
         result: Session = await self._write(change)
         return result
+
+    # --- search and citations ----------------------------------------------------
+
+    async def search(
+        self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
+    ) -> SearchResult:
+        expression = f'scope : "{tenant_token(tenant)}"'
+        if filters.role is not None:
+            expression += f' AND scope : "r{filters.role.value}"'
+        expression += f" AND words : ({match_expression(query)})"
+        clauses, args = _session_clauses(
+            "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
+        )
+        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN if clauses else "", filters=clauses)
+        parameters = (expression, *args, limit + 1, offset)
+
+        def read(conn: apsw.Connection) -> list[SearchHit]:
+            hits = []
+            for sid, seq, body in conn.execute(sql, parameters):
+                message = rows.message_from(body)
+                text = content_text(message.content)
+                hits.append(
+                    SearchHit(
+                        session_id=sid,
+                        seq=seq,
+                        role=message.role,
+                        created_at=message.created_at,
+                        snippet=snippet(text, query),
+                    )
+                )
+            return hits
+
+        found = await self._readers.run(read)
+        return SearchResult(found[:limit], offset + limit if len(found) > limit else None)
+
+    async def list_citations(
+        self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
+    ) -> CitationListing:
+        clauses, args = _session_clauses("s", user_id=filters.user_id, section_id=filters.section_id)
+        join = " JOIN sessions s ON s.pk = c.session_pk" if clauses else ""
+        if cursor is not None:
+            at = to_us(cursor.created_at)
+            clauses += " AND c.created_at <= ? AND (c.created_at < ? OR (c.session_id, c.seq, c.ordinal) > (?, ?, ?))"
+            args += [at, at, cursor.session_id, cursor.seq, cursor.ordinal]
+        sql = rows.CITATIONS.format(join=join, filters=clauses)
+        parameters = (tenant, doc_id, *args, limit + 1)
+
+        def read(conn: apsw.Connection) -> list[tuple[Citation, int]]:
+            return [
+                (
+                    Citation(session_id=sid, seq=seq, created_at=from_us(created), reference=from_json(reference)),
+                    ordinal,
+                )
+                for sid, seq, created, ordinal, reference in conn.execute(sql, parameters)
+            ]
+
+        found = await self._readers.run(read)
+        page = found[:limit]
+        if len(found) <= limit or not page:
+            return CitationListing([c for c, _ in page], None)
+        last, ordinal = page[-1]
+        return CitationListing(
+            [c for c, _ in page], CitationCursor(last.created_at, last.session_id, last.seq, ordinal)
+        )
 
     # --- idempotency ------------------------------------------------------------
 

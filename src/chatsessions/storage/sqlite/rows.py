@@ -32,8 +32,38 @@ WHERE pk = ?
 UPDATE_COUNTERS = "UPDATE sessions SET message_count = ?, last_seq = ?, version = ?, updated_at = ? WHERE pk = ?"
 DELETE_SESSION = "DELETE FROM sessions WHERE pk = ?"
 
-INSERT_MESSAGE = "INSERT INTO messages (session_pk, seq, size, created_at, body) VALUES (?, ?, ?, ?, ?)"
+INSERT_MESSAGE = "INSERT INTO messages (session_pk, seq, size, created_at, body) VALUES (?, ?, ?, ?, ?) RETURNING rowid"
 DELETE_MESSAGES = "DELETE FROM messages WHERE session_pk = ?"
+INDEX_WORDS = "INSERT INTO message_words (rowid, scope, words) VALUES (?, ?, ?)"
+UNINDEX_SESSION = "DELETE FROM message_words WHERE rowid IN (SELECT rowid FROM messages WHERE session_pk = ?)"
+INSERT_CITATION = """
+INSERT INTO citations (tenant, doc_id, created_at, session_id, seq, ordinal, session_pk, reference)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+DELETE_CITATIONS = "DELETE FROM citations WHERE session_pk = ?"
+# Search: FTS5 finds the tenant's matching messages (best first, bm25); the join adds the
+# session and its filters. `{filters}` holds ` AND s.<column> = ?` terms.
+# Only (rowid, rank) of the matches are sorted; bodies are read for the page alone.
+SEARCH = """
+SELECT s.id, m.seq, m.body
+FROM (
+    SELECT w.rowid AS hit, w.rank AS score FROM message_words w{join}
+    WHERE message_words MATCH ?{filters}
+    ORDER BY w.rank, w.rowid
+    LIMIT ? OFFSET ?
+) h
+JOIN messages m ON m.rowid = h.hit
+JOIN sessions s ON s.pk = m.session_pk
+ORDER BY h.score, h.hit
+"""
+SEARCH_JOIN = " JOIN messages m ON m.rowid = w.rowid JOIN sessions s ON s.pk = m.session_pk"
+CITATIONS = """
+SELECT c.session_id, c.seq, c.created_at, c.ordinal, c.reference
+FROM citations c{join}
+WHERE c.tenant = ? AND c.doc_id = ?{filters}
+ORDER BY c.created_at DESC, c.session_id, c.seq, c.ordinal
+LIMIT ?
+"""
 PAGE_ASC = "SELECT size, body FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?"
 PAGE_DESC = "SELECT size, body FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
 ANY_AFTER = "SELECT 1 FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? LIMIT 1"

@@ -88,6 +88,29 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
     CREATE INDEX idempotency_keys_session ON idempotency_keys (session_pk) WHERE session_pk IS NOT NULL;
     """,
+    # 2: full-text search and citations, kept in the transaction of the messages they index.
+    """
+    -- Contentless FTS5 (the text lives once, in messages.body): `words` holds the message's
+    -- folded words (chatsessions.text), `scope` a tenant token and a role token, so a search
+    -- matches only the tenant's messages. Deletable by rowid (= messages.rowid).
+    CREATE VIRTUAL TABLE message_words USING fts5(
+        scope, words, content = '', contentless_delete = 1, tokenize = 'unicode61 remove_diacritics 0'
+    );
+
+    -- One row per reference of a message whose `doc_id` member is a string.
+    CREATE TABLE citations (
+        tenant     TEXT NOT NULL,
+        doc_id     TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        session_id TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        ordinal    INTEGER NOT NULL,    -- the reference's index in the message's references
+        session_pk INTEGER NOT NULL,
+        reference  TEXT NOT NULL        -- JSON object
+    );
+    CREATE INDEX citations_by_doc ON citations (tenant, doc_id, created_at DESC, session_id, seq, ordinal);
+    CREATE INDEX citations_by_session ON citations (session_pk, seq);
+    """,
 )
 
 
