@@ -30,7 +30,7 @@ from chatsessions.models import MessageCreate, MessageQuery, Role, SessionCreate
 from chatsessions.storage.sqlite import SqliteSessionRepository
 from chatsessions.storage.sqlite.schema import DB_NAME
 from tests.crash.server import running_server
-from tests.server.proc import free_port, server_env
+from tests.server.proc import free_port, server_env, uvicorn_command
 
 T = "default"
 PROBLEM_JSON = "application/problem+json"
@@ -93,20 +93,23 @@ async def test_the_store_refuses_a_damaged_file_in_one_line_naming_it(
     assert "\n" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `chatsessions serve` probes only the lock; the store's StorageCorrupted is raised inside "
-    "uvicorn's lifespan, which logs it with a traceback ('Application startup failed')",
+def command(entry: str) -> list[str]:
+    port = free_port()
+    return [CHATSESSIONS, "serve", "--port", str(port)] if entry == "serve" else uvicorn_command(port)
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind"),
+    [("serve", kind) for kind in REFUSED_AT_START] + [("uvicorn", "not-a-database"), ("uvicorn", "truncated")],
 )
-@pytest.mark.parametrize("kind", REFUSED_AT_START)
-def test_serve_stops_on_a_damaged_file_with_one_line_and_no_traceback(
-    tmp_path: Path, pristine: bytes, kind: str
+def test_the_server_stops_on_a_damaged_file_with_one_line_and_no_traceback(
+    tmp_path: Path, pristine: bytes, entry: str, kind: str
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / DB_NAME).write_bytes(damaged(pristine, kind, random.Random(kind)))
     completed = subprocess.run(
-        [CHATSESSIONS, "serve", "--port", str(free_port())],
+        command(entry),
         env=server_env(CHATSESSIONS_STORE="sqlite", CHATSESSIONS_DATA_DIR=data),
         cwd=tmp_path,
         capture_output=True,
