@@ -344,3 +344,39 @@ async def test_a_real_full_disk_answers_507_and_recovers(small_tmpfs: Path) -> N
         acked.append("after")
     async with plain_store(data) as restarted:
         assert await history(restarted, "big") == acked
+
+
+@pytest.mark.asyncio
+async def test_a_keyed_append_that_failed_can_be_retried_and_lands_once(
+    tmp_path: Path, vfs: FaultyVFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Idempotency-Key whose append failed (507, or 503 on a failed sync) is free again, never stuck or doubled."""
+    data = tmp_path / "data"
+
+    async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
+        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name)
+
+    monkeypatch.setattr(chatsessions.main, "build_repository", build_repository)
+    full_key = {"Idempotency-Key": "full-disk-key"}
+    sync_key = {"Idempotency-Key": "failed-sync-key"}
+    async with app_client(settings_for(data)) as client:
+        assert (await client.post("/v1/sessions", json={"id": "s1"})).status_code == 201
+        with vfs.failing("write", errno.ENOSPC):
+            refused = await client.post("/v1/sessions/s1/messages", json=append_body("keyed"), headers=full_key)
+            assert_problem(refused, 507, "storage-full")
+        first = await client.post("/v1/sessions/s1/messages", json=append_body("keyed"), headers=full_key)
+        assert first.status_code == 201, first.text
+        replay = await client.post("/v1/sessions/s1/messages", json=append_body("keyed"), headers=full_key)
+        assert replay.status_code == 201
+        assert replay.json() == first.json()
+        vfs.inject("sync", errno.EIO, times=1)
+        failed = await client.post("/v1/sessions/s1/messages", json=append_body("synced?"), headers=sync_key)
+        assert_problem(failed, 503, "storage-unavailable")
+    monkeypatch.undo()
+    async with app_client(settings_for(data)) as client:
+        # The failed sync's commit may or may not have reached the disk; a retry finds its answer or writes it now.
+        retry = await client.post("/v1/sessions/s1/messages", json=append_body("synced?"), headers=sync_key)
+        assert retry.status_code == 201, retry.text
+        again = await client.post("/v1/sessions/s1/messages", json=append_body("synced?"), headers=sync_key)
+        assert again.json() == retry.json()
+        assert await contents(client, "s1") == ["keyed", "synced?"]
