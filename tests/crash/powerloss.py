@@ -20,6 +20,11 @@ it), the database must pass `PRAGMA integrity_check`, and the store must take
 a write. `make test` runs every crash point of the script once
 (`tests/crash/test_power_loss.py`); `make crash` runs `POWERLOSS_ITERATIONS`
 random ones (`python -m tests.crash.powerloss`).
+
+A second workload has concurrent writers append to a few sessions, so that
+the writer commits them in groups, and is cut at random calls: every
+acknowledged append must be there exactly once at its seq, seqs contiguous,
+and nothing there that was never sent.
 """
 
 from __future__ import annotations
@@ -368,6 +373,126 @@ async def random_iterations(iterations: int, seed: int, progress: bool = False) 
     return totals
 
 
+# --- concurrent appends: group commits cut by the power ---------------------
+
+CONCURRENT_SESSIONS = 4
+CONCURRENT_WRITERS = 8
+APPENDS_PER_WRITER = 12
+
+
+@dataclass
+class ConcurrentRun:
+    created: list[str] = field(default_factory=list)  # sessions whose create was acknowledged
+    acked: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # session -> (seq, content) acknowledged
+    sent: set[str] = field(default_factory=set)  # every content sent, acknowledged or not
+
+
+async def run_concurrent(live: Path, vfs: FaultyVFS, rng: random.Random) -> ConcurrentRun:
+    """CONCURRENT_WRITERS tasks append to CONCURRENT_SESSIONS sessions at once: the writer batches them."""
+    run = ConcurrentRun()
+    repo: SqliteSessionRepository | None = None
+    try:
+        repo = await asyncio.wait_for(SqliteSessionRepository.open(settings_for(live), vfs=vfs.vfs_name), STEP_TIMEOUT)
+        for n in range(CONCURRENT_SESSIONS):
+            sid = f"p{n}"
+            await repo.create_session(TENANT, SessionCreate(id=sid))
+            run.created.append(sid)
+            run.acked[sid] = []
+
+        async def writer(number: int) -> None:
+            assert repo is not None
+            for n in range(APPENDS_PER_WRITER):
+                sid = run.created[(number + n) % len(run.created)]
+                content = f"w{number}-n{n}|" + "v" * rng.choice((10, 300, 2500))
+                run.sent.add(content)
+                try:
+                    _, added = await asyncio.wait_for(
+                        repo.append_messages(TENANT, sid, [MessageCreate(role=Role.user, content=content)]),
+                        STEP_TIMEOUT,
+                    )
+                except FAILURES:
+                    return
+                run.acked[sid].append((added[0].seq, content))
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0)
+
+        await asyncio.gather(*(writer(n) for n in range(CONCURRENT_WRITERS)))
+    except FAILURES:
+        if not vfs.crashed:
+            raise
+    finally:
+        if repo is not None:
+            await abandon(repo)
+    return run
+
+
+async def check_concurrent_image(image: Path, run: ConcurrentRun, label: str) -> list[str]:
+    """Every acknowledged append at its seq, exactly once; seqs contiguous; nothing that was never sent."""
+    try:
+        repo = await SqliteSessionRepository.open(settings_for(image))
+    except Exception as exc:
+        return [f"{label}: recovery failed: {exc!r}"]
+    problems: list[str] = []
+    try:
+        broken = await repo.integrity_check()
+        if broken:
+            problems.append(f"{label}: integrity_check: {broken[:5]}")
+        for sid in run.created:
+            session = await repo.get_session(TENANT, sid)
+            if session is None:
+                problems.append(f"{label}: acknowledged session {sid} is gone")
+                continue
+            items, _ = await repo.list_messages(TENANT, sid, MessageQuery(limit=1000))
+            found = {m.content: m.seq for m in items}
+            if [m.seq for m in items] != list(range(1, len(items) + 1)) or session.last_seq != len(items):
+                problems.append(f"{label}: {sid}: seqs {[m.seq for m in items]}, last_seq {session.last_seq}")
+            if len(found) != len(items):
+                problems.append(f"{label}: {sid}: a message is there twice")
+            lost = [(seq, text[:12]) for seq, text in run.acked[sid] if found.get(text) != seq]
+            if lost:
+                problems.append(f"{label}: {sid}: acknowledged appends missing or moved: {lost[:5]}")
+            strangers = [text[:12] for text in found if text not in run.sent]
+            if strangers:
+                problems.append(f"{label}: {sid}: messages nobody sent: {strangers[:5]}")
+    except ChatSessionsError as exc:
+        problems.append(f"{label}: the recovered store failed: {exc!r}")
+    finally:
+        await repo.aclose()
+    return problems
+
+
+async def concurrent_once(
+    work: Path, crash_at: int | None, rng: random.Random, *, torn: bool
+) -> tuple[int, int, list[str]]:
+    """One concurrent run cut at `crash_at`; returns (calls, acknowledged appends, problems)."""
+    with FaultyVFS(root=work / "live", crash_at=crash_at) as vfs:
+        run = await run_concurrent(work / "live", vfs, rng)
+        vfs.cut_power()
+        label = f"concurrent, crash at call {crash_at} ({vfs.crash_call})"
+        vfs.materialise(work / "power", rng=rng if torn else None)
+        problems = await check_concurrent_image(work / "power", run, f"{label}, power loss")
+        shutil.copytree(work / "live", work / "killed")
+        problems += await check_concurrent_image(work / "killed", run, f"{label}, kill -9")
+        return vfs.calls, sum(len(a) for a in run.acked.values()), problems
+
+
+async def random_concurrent(iterations: int, seed: int) -> Totals:
+    """`iterations` concurrent runs, each cut at a random call of what a run without a cut makes."""
+    rng = random.Random(seed)
+    totals = Totals()
+    with tempfile.TemporaryDirectory(prefix="chatsessions-powerloss-", dir=scratch_parent()) as tmp:
+        totals.points, _, problems = await concurrent_once(Path(tmp) / "dry", None, rng, torn=False)
+        totals.problems += problems
+        for n in range(iterations):
+            work = Path(tmp) / str(n)
+            _, acked, problems = await concurrent_once(work, rng.randrange(totals.points + 1), rng, torn=n % 2 == 1)
+            totals.runs += 1
+            totals.acked += acked
+            totals.problems += problems
+            shutil.rmtree(work)
+    return totals
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Power-loss simulation at random crash points.")
     parser.add_argument(
@@ -378,14 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)  # the store logs every simulated failure; the summary is what counts
     seed = random.randrange(2**32) if args.seed is None else args.seed
     totals = asyncio.run(random_iterations(args.iterations, seed, progress=True))
-    for problem in totals.problems[:20]:
+    concurrent = asyncio.run(random_concurrent(max(1, args.iterations // 4), seed))
+    for problem in (totals.problems + concurrent.problems)[:20]:
         print(f"PROBLEM: {problem}")
     print(
         f"power loss: {totals.runs} random crash points of {totals.points} (seed {seed}), "
-        f"{totals.acked} acknowledged steps, {len(totals.problems)} problems",
+        f"{totals.acked} acknowledged steps, {len(totals.problems)} problems; "
+        f"concurrent appends: {concurrent.runs} cuts of about {concurrent.points} calls, "
+        f"{concurrent.acked} acknowledged appends, {len(concurrent.problems)} problems",
         flush=True,
     )
-    return 1 if totals.problems else 0
+    return 1 if totals.problems or concurrent.problems else 0
 
 
 if __name__ == "__main__":

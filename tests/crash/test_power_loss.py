@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.crash.powerloss import SCRIPT, crash_once, dry_run, random_iterations, scratch_parent
+from tests.crash.powerloss import SCRIPT, crash_once, dry_run, random_concurrent, random_iterations, scratch_parent
 
 
 @pytest.fixture
@@ -60,5 +60,13 @@ async def test_random_crash_points_with_random_unsynced_writes_kept() -> None:
     """A few of `make crash`'s runs: half of them keep a random subset of unsynced writes, some torn."""
     totals = await random_iterations(40, seed=20261202)
     assert totals.runs == 40
+    assert totals.acked > 0
+    assert not totals.problems, "\n".join(totals.problems[:5])
+
+
+@pytest.mark.asyncio
+async def test_group_commits_cut_at_random_points() -> None:
+    totals = await random_concurrent(30, seed=7)
+    assert totals.runs == 30
     assert totals.acked > 0
     assert not totals.problems, "\n".join(totals.problems[:5])
