@@ -9,9 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from chatsessions import errors
 
@@ -120,23 +122,9 @@ def validation_problem(exc: RequestValidationError) -> Response:
     return problem_response(422, "the request failed validation", kind="validation-error", errors_=issues)
 
 
-def http_problem(exc: HTTPException, *, allow: str | None = None) -> Response:
+def http_problem(exc: HTTPException) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
-    headers = dict(exc.headers or {})
-    if exc.status_code == 405 and allow:
-        headers["Allow"] = allow
-    return problem_response(exc.status_code, detail, headers=headers)
-
-
-def problem_for(exc: Exception) -> Response | None:
-    """The answer to an error that is the client's or the storage's; None for a bug (500)."""
-    if isinstance(exc, RequestValidationError):
-        return validation_problem(exc)
-    if isinstance(exc, HTTPException):
-        return http_problem(exc)
-    if isinstance(exc, errors.ChatSessionsError):
-        return domain_problem(exc)
-    return None
+    return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
 
 
 async def _on_validation(request: Request, exc: Exception) -> Response:
@@ -144,39 +132,25 @@ async def _on_validation(request: Request, exc: Exception) -> Response:
     return validation_problem(exc)
 
 
-def allowed_methods(app: FastAPI, path: str) -> str | None:
-    """The methods the OpenAPI document lists for `path`, under its most concrete template.
+def _allowed_methods(request: Request) -> str:
+    """The methods of the routes whose path matches, under the most concrete template that matches.
 
-    Starlette's 405 names only the methods of the first route whose path matched; a
-    resource served by several routes (GET and POST /v1/sessions) needs them all, and
-    `/messages/batch` must not borrow GET from `/messages/{seq}` (OpenAPI: concrete
-    paths match before templated ones).
+    Starlette's 405 names only the methods of the route that answered; a resource served by
+    several routes (GET and POST /v1/sessions) needs them all, and `/messages/batch` must not
+    borrow GET from `/messages/{seq}` (concrete paths match before templated ones, as in OpenAPI).
     """
-    parts = path.split("/")
-    best: tuple[int, list[str]] | None = None
-    for template, operations in app.openapi().get("paths", {}).items():
-        segments = template.split("/")
-        if len(segments) != len(parts):
-            continue
-        literal = 0
-        for segment, part in zip(segments, parts, strict=True):
-            if segment.startswith("{") and segment.endswith("}"):
-                if not part:
-                    break
-            elif segment != part:
-                break
-            else:
-                literal += 1
-        else:
-            if best is None or literal > best[0]:
-                best = (literal, sorted(method.upper() for method in operations))
-    return ", ".join(best[1]) if best else None
+    found: dict[int, set[str]] = {}
+    for route in iter_route_contexts(request.app.router.routes):
+        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            found.setdefault(len(route.param_convertors), set()).update(route.methods)
+    return ", ".join(sorted(found[min(found)])) if found else ""
 
 
 async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    allow = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
-    return http_problem(exc, allow=allow)
+    if exc.status_code == 405:
+        exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
+    return http_problem(exc)
 
 
 async def _on_domain(request: Request, exc: Exception) -> Response:

@@ -6,25 +6,18 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 from starlette.responses import Response
 
-from chatsessions.api.deps import (
-    IdempotencyKeyHeader,
-    IfMatchDep,
-    JSONRoute,
-    RepositoryDep,
-    SettingsDep,
-    TenantDep,
-    run_idempotent,
-    stored_to_response,
-)
+from chatsessions.api.deps import IfMatchDep, RepositoryDep, SettingsDep, TenantDep
+from chatsessions.api.idempotency import run_idempotent, stored_to_response
 from chatsessions.api.limits import check_session_fields
+from chatsessions.api.params import FilterQuery, IdempotencyKeyHeader, SessionIdPath
 from chatsessions.api.problems import problem_responses
+from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput, SessionNotFound
 from chatsessions.models import (
-    SESSION_ID_PATTERN,
     IdempotencyRequest,
     Message,
     Session,
@@ -35,9 +28,6 @@ from chatsessions.models import (
     SessionPatch,
     StoredResponse,
 )
-
-SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Session id, unique per tenant.")]
-FilterQuery = Annotated[str | None, Query(max_length=1024)]
 
 
 def session_location(session_id: str) -> str:
