@@ -46,6 +46,18 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
     ("newline id", "/v1/sessions/a%0A/messages", JSON, json.dumps(GOOD).encode()),
     ("bad id and body", "/v1/sessions/a.b/messages", JSON, json.dumps({"role": 1}).encode()),
     ("empty key", "/v1/sessions/s/messages", {**JSON, "idempotency-key": ""}, json.dumps(GOOD).encode()),
+    (
+        "long if-match",
+        "/v1/sessions/s/messages",
+        {**JSON, "if-match": '"' + "1" * 9000 + '"'},
+        json.dumps(GOOD).encode(),
+    ),
+    (
+        "bad if-match and key",
+        "/v1/sessions/a.b/messages/batch",
+        {**JSON, "if-match": "x" * 8193, "idempotency-key": ""},
+        json.dumps({"messages": [{}]}).encode(),
+    ),
     ("long key", "/v1/sessions/s/messages", {**JSON, "idempotency-key": "k" * 256}, json.dumps(GOOD).encode()),
     ("empty batch", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": []}).encode()),
     ("bad batch item", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": [GOOD, {}]}).encode()),

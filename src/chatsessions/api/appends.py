@@ -28,8 +28,15 @@ from starlette.types import Receive, Scope, Send
 
 from chatsessions.api.idempotency import run_idempotent
 from chatsessions.api.limits import check_messages
-from chatsessions.api.params import IdempotencyKey, IdempotencyKeyHeader, IfMatchHeader, SessionIdPath, parse_if_match
-from chatsessions.api.problems import problem_responses
+from chatsessions.api.params import (
+    IdempotencyKey,
+    IdempotencyKeyHeader,
+    IfMatch,
+    IfMatchHeader,
+    SessionIdPath,
+    parse_if_match,
+)
+from chatsessions.api.problems import problem_responses, success_doc
 from chatsessions.api.routing import LeanRoute, check_json_media, parse_strict_json
 from chatsessions.api.sessions import session_location
 from chatsessions.config import Settings
@@ -54,6 +61,7 @@ APPEND_ERRORS = problem_responses(400, 404, 409, 412, 413, 415, 422, 503, 507)
 
 _SESSION_ID: TypeAdapter[str] = TypeAdapter(SessionId)
 _IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
+_IF_MATCH: TypeAdapter[str] = TypeAdapter(IfMatch)
 
 
 def render_message(session: Session, messages: list[Message]) -> StoredResponse:
@@ -145,6 +153,12 @@ class AppendHandler:
                 _SESSION_ID.validate_python(session_id)  # for FastAPI's error, word for word
             except ValidationError as exc:
                 issues += _issues(exc, "path", "session_id")
+        if_match: str | None = None
+        if (raw_if_match := headers.get(b"if-match")) is not None:
+            try:
+                if_match = _IF_MATCH.validate_python(raw_if_match.decode("latin-1"))
+            except ValidationError as exc:
+                issues += _issues(exc, "header", "if-match")
         key: str | None = None
         if (raw_key := headers.get(b"idempotency-key")) is not None:
             try:
@@ -166,15 +180,14 @@ class AppendHandler:
         settings: Settings = state["settings"]
         messages = self.messages(parsed)
         check_messages(messages, settings, self.loc)
-        raw_if_match = headers.get(b"if-match")
-        if_match = await parse_if_match(raw_if_match.decode("latin-1") if raw_if_match is not None else None)
+        precondition = await parse_if_match(if_match)
         repository: SessionRepository = state["repository"]
         tenant: str = state.get("tenant", DEFAULT_TENANT)
         render = self.render
 
         async def action(idempotency: IdempotencyRequest | None) -> StoredResponse:
             session, added = await repository.append_messages(
-                tenant, session_id, messages, if_match=if_match, idempotency=idempotency
+                tenant, session_id, messages, if_match=precondition, idempotency=idempotency
             )
             return render(session, added)
 
@@ -191,13 +204,14 @@ class AppendHandler:
 
 def append_routes() -> list[LeanRoute]:
     """The two append routes; register them on the app's router before the others (matching is in order)."""
-    common: dict[str, Any] = {"methods": ["POST"], "status_code": 201, "tags": ["messages"], "responses": APPEND_ERRORS}
+    common: dict[str, Any] = {"methods": ["POST"], "status_code": 201, "tags": ["messages"]}
     return [
         LeanRoute(
             MESSAGES_PATH,
             append_message,
             serve=AppendHandler(MessageCreate, lambda body: [body], ("body",), render_message),
             response_model=Message,
+            responses={201: success_doc("Appended", "Location", "ETag", "Idempotent-Replayed"), **APPEND_ERRORS},
             **common,
         ),
         LeanRoute(
@@ -206,6 +220,7 @@ def append_routes() -> list[LeanRoute]:
             serve=AppendHandler(MessageBatchCreate, lambda body: body.messages, ("body", "messages"), render_batch),
             owns_path=True,
             response_model=MessageBatch,
+            responses={201: success_doc("Appended", "ETag", "Idempotent-Replayed"), **APPEND_ERRORS},
             **common,
         ),
     ]

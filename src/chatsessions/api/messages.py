@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from chatsessions.api.deps import IfMatchDep, RepositoryDep, TenantDep
 from chatsessions.api.params import SeqPath, SeqQuery, SessionIdPath
-from chatsessions.api.problems import problem_responses
+from chatsessions.api.problems import problem_responses, success_doc
 from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.models import Message, MessagePage, MessageQuery, Order
@@ -43,7 +43,11 @@ def build_messages_router(settings: Settings) -> APIRouter:
         message = await repository.get_message(tenant, session_id, seq)
         return Response(message.model_dump_json(), media_type="application/json")
 
-    @router.delete("", status_code=204, responses=problem_responses(404, 412, 422, 503, 507))
+    @router.delete(
+        "",
+        status_code=204,
+        responses={204: success_doc("Cleared", "ETag"), **problem_responses(404, 412, 422, 503, 507)},
+    )
     async def clear_messages(
         session_id: SessionIdPath, repository: RepositoryDep, tenant: TenantDep, if_match: IfMatchDep
     ) -> Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Header, Path, Query
-from pydantic import StringConstraints
+from pydantic import StringConstraints, WithJsonSchema
 
 from chatsessions.models import SESSION_ID_PATTERN, Precondition
 
@@ -18,9 +18,21 @@ SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Ses
 SeqPath = Annotated[int, Path(ge=1, le=MAX_SEQ, description="The message's seq.")]
 SeqQuery = Annotated[int | None, Query(ge=0, le=MAX_SEQ)]
 FilterQuery = Annotated[str | None, Query(max_length=1024)]
-
-IfMatchHeader = Annotated[
+CursorQuery = Annotated[
     str | None,
+    Query(
+        min_length=1, max_length=2048, pattern=r"^[A-Za-z0-9_-]+$", description="`next_cursor` of the previous page."
+    ),
+]
+
+# Any text: a tag that is not a strong entity tag of a version never matches (412), as RFC 9110 has it.
+# (A pattern here would be exact, but schemathesis draws header values from letters and digits
+# only, and would take every value it cannot draw for a valid one.)
+IfMatch = Annotated[str, StringConstraints(max_length=8192)]
+# An optional header is absent or a string; never a JSON null (clients would send the text "null").
+IfMatchHeader = Annotated[
+    IfMatch | None,
+    WithJsonSchema({"type": "string", "maxLength": 8192}),
     Header(
         description='Strong ETag of the session version the change applies to (e.g. `"7"`), or `*`. 412 when stale.'
     ),
@@ -46,5 +58,6 @@ async def parse_if_match(if_match: IfMatchHeader = None) -> Precondition | None:
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 IdempotencyKeyHeader = Annotated[
     IdempotencyKey | None,
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 255}),
     Header(description="Retry-safe key: the same key and body replay the first answer."),
 ]

@@ -102,8 +102,12 @@ def domain_problem(exc: errors.ChatSessionsError) -> Response:
             if isinstance(exc, errors.InvalidInput):
                 issue = {"loc": list(exc.loc), "msg": str(exc), "type": "value_error"}
                 return problem_response(status, str(exc), kind=kind, errors_=[issue])
-            headers = {"Retry-After": "1"} if status in (503, 409) and kind != "session-exists" else None
-            return problem_response(status, str(exc), kind=kind, headers=headers)
+            headers: dict[str, str] = {}
+            if status in (503, 409) and kind != "session-exists":
+                headers["Retry-After"] = "1"
+            if isinstance(exc, errors.PreconditionFailed):
+                headers["ETag"] = f'"{exc.version}"'  # the current version, to retry against
+            return problem_response(status, str(exc), kind=kind, headers=headers or None)
     log.exception("unmapped domain error", exc_info=exc)
     return problem_response(500, "internal error", kind="internal")
 
@@ -170,9 +174,44 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+# Response headers, as OpenAPI header objects.
+HEADER_DOCS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": 'The session\'s version as a strong entity tag (`"7"`), for `If-Match`.',
+        "schema": {"type": "string", "pattern": r'^"[0-9]+"$'},
+    },
+    "Location": {"description": "Path of the created resource.", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the stored answer to an earlier request with the same Idempotency-Key.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+_PROBLEM_HEADERS = {409: ("Retry-After",), 412: ("ETag",), 503: ("Retry-After",)}
+
+
+def headers_doc(*names: str) -> dict[str, dict[str, Any]]:
+    return {name: HEADER_DOCS[name] for name in names}
+
+
+def success_doc(description: str, *headers: str, model: Any = None) -> dict[str, Any]:
+    """An OpenAPI `responses` entry of a success answer with its headers."""
+    entry: dict[str, Any] = {"description": description, "headers": headers_doc(*headers)}
+    if model is not None:
+        entry["model"] = model
+    return entry
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the errors an operation can answer."""
-    return {
-        status: {"model": Problem, "description": _TITLES.get(status, "Error"), "content": {PROBLEM_JSON: {}}}
-        for status in statuses
-    }
+    """OpenAPI `responses` entries for the errors an operation can answer, with their headers."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": Problem, "description": _TITLES.get(status, "Error")}
+        entry["content"] = {PROBLEM_JSON: {}}
+        if status in _PROBLEM_HEADERS:
+            entry["headers"] = headers_doc(*_PROBLEM_HEADERS[status])
+        responses[status] = entry
+    return responses
