@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(
         64 * 2**20,
         ge=1,
-        description="Embedded store: most bytes of session heads the writer keeps in memory (estimated from their JSON).",
+        description="Embedded store: most bytes of session heads the writer keeps in memory (estimated).",
     )
     wal_segment_bytes: int = Field(
         64 * 2**20, ge=4096, description="Embedded store: write-ahead log size that triggers a checkpoint."

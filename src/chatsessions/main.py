@@ -21,8 +21,8 @@ from chatsessions.api.messages import build_messages_router
 from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
 from chatsessions.api.search import build_search_router
-from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.api.sessions import build_sessions_router
+from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.config import Settings, StoreKind
 from chatsessions.storage.base import SessionRepository, StoreObserver
 
