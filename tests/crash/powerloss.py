@@ -239,6 +239,8 @@ async def run_script(work: Path, vfs: FaultyVFS, *, fsync: str = "always") -> Ru
                 else:
                     await asyncio.wait_for(perform(repo, step), STEP_TIMEOUT)
             except FAILURES:
+                if not vfs.crashed:
+                    raise  # a step that fails with the disk still on is a bug, not a crash
                 inflight = step
                 break
             state = apply(state, step)
@@ -411,6 +413,8 @@ async def run_concurrent(live: Path, vfs: FaultyVFS, rng: random.Random) -> Conc
                         STEP_TIMEOUT,
                     )
                 except FAILURES:
+                    if not vfs.crashed:
+                        raise
                     return
                 run.acked[sid].append((added[0].seq, content))
                 if rng.random() < 0.3:

@@ -148,14 +148,14 @@ def test_random_images_keep_a_subset_of_unsynced_writes(vfs: FaultyVFS, tmp_path
 
 
 def raw_crash_points(work: Path, *, synchronous: str, rng: random.Random | None) -> tuple[int, list[str]]:
-    """Ten commits and checkpoints, cut at every crash point; what each image lacks or has too much."""
+    """Six commits and checkpoints, cut at every crash point; what each image lacks or has too much."""
 
     def workload(vfs: FaultyVFS, acked: list[str]) -> None:
         conn = connect(work / "live" / DB, vfs=vfs, synchronous=synchronous)
         try:
             conn.execute("PRAGMA wal_autocheckpoint=4")  # checkpoints (db writes, WAL restarts) inside the run
             conn.execute("CREATE TABLE IF NOT EXISTS t(x TEXT)")
-            for n in range(10):
+            for n in range(6):
                 insert(conn, *(f"r{n}-{i}-" + "p" * 1500 for i in range(n % 3 + 1)))
                 acked.append(f"r{n}")
         finally:
