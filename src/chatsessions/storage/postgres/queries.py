@@ -22,6 +22,7 @@ SESSION_COLUMNS = (
     "id, user_id, document_id, section_id, title, settings, metadata, "
     "message_count, last_seq, version, created_at, updated_at"
 )
+_S_SESSION_COLUMNS = ", ".join(f"s.{column}" for column in SESSION_COLUMNS.split(", "))
 MESSAGE_COLUMNS = "seq, role, content, content_raw, created_at, metadata, refs"
 
 SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
@@ -101,6 +102,44 @@ SELECT true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
 SELECT false, {SESSION_COLUMNS} FROM sessions
 WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM changed)
+"""
+
+# APPEND for many sessions at once (each at most once), in one statement: arguments tenants, ids,
+# counts, expected versions (NULL: any), now, then per message: the index (1-based) of its append,
+# its place in that append, and the columns of `rows.message_arrays`. Answers one row per append
+# whose session exists: `i` its index, then as APPEND. `locked` takes the row locks in (tenant, id)
+# order before anything changes, so two batches never wait for each other in a cycle.
+APPEND_BATCH = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+        WITH ORDINALITY AS w(tenant, id, n, expected, i)
+),
+locked AS (
+    SELECT s.tenant, s.id FROM sessions s JOIN wanted w ON s.tenant = w.tenant AND s.id = w.id
+    ORDER BY s.tenant, s.id
+    FOR UPDATE OF s
+),
+changed AS (
+    UPDATE sessions s
+    SET message_count = s.message_count + w.n, last_seq = s.last_seq + w.n, version = s.version + 1,
+        updated_at = greatest($5::timestamptz, s.updated_at)
+    FROM locked l JOIN wanted w ON w.tenant = l.tenant AND w.id = l.id
+    WHERE s.tenant = l.tenant AND s.id = l.id AND (w.expected IS NULL OR s.version = w.expected)
+    RETURNING w.i, w.n, s.tenant, {_S_SESSION_COLUMNS}
+),
+added AS (
+    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
+    SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, m.role, m.content, m.content_raw, c.updated_at,
+           m.metadata::jsonb, m.refs::jsonb
+    FROM changed c
+    JOIN unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[], $12::text[])
+        AS m(i, ord, role, content, content_raw, metadata, refs) ON m.i = c.i
+)
+SELECT i, true AS found, {SESSION_COLUMNS} FROM changed
+UNION ALL
+SELECT w.i, false, {_S_SESSION_COLUMNS}
+FROM wanted w JOIN sessions s ON s.tenant = w.tenant AND s.id = w.id
+WHERE NOT EXISTS (SELECT FROM changed c WHERE c.i = w.i)
 """
 
 # Both run after LOCK_SESSION, in its transaction, so no append slips in between.

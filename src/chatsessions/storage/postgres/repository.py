@@ -42,6 +42,7 @@ from chatsessions.storage.postgres import queries as q
 from chatsessions.storage.postgres import rows
 from chatsessions.storage.postgres.faults import translate_errors
 from chatsessions.storage.postgres.schema import application_name, migrate
+from chatsessions.storage.postgres.writer import AppendWriter, PendingAppend, RunAlone
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -73,6 +74,15 @@ def _versions(if_match: Precondition | None) -> list[int] | None:
     return sorted(if_match.versions)
 
 
+def _expected(if_match: Precondition | None) -> tuple[bool, int | None]:
+    """Whether an append with this `If-Match` can join a batch, and the version it demands (None: any)."""
+    if if_match is None or if_match.any:
+        return True, None
+    if len(if_match.versions) == 1:
+        return True, next(iter(if_match.versions))
+    return False, None
+
+
 def _lost_race(session_id: str) -> StorageUnavailable:
     return StorageUnavailable(f"session {session_id!r} is changing too fast; retry")
 
@@ -95,6 +105,7 @@ class PostgresSessionRepository:
         self._idempotency_lease = idempotency_lease
         self._observer: StoreObserver = observer if observer is not None else NullObserver()
         self._next_purge = 0.0  # time.monotonic() after which expired keys are deleted
+        self._writer = AppendWriter(self._connection, observer=self._observer)
 
     @classmethod
     async def open(cls, settings: Settings, *, observer: StoreObserver | None = None) -> PostgresSessionRepository:
@@ -265,7 +276,19 @@ class PostgresSessionRepository:
         if_match: Precondition | None = None,
         idempotency: IdempotencyRequest | None = None,
     ) -> tuple[Session, list[Message]]:
-        args = (len(messages), utcnow(), _versions(if_match), *rows.message_arrays(messages))
+        arrays = rows.message_arrays(messages)
+        batchable, expected = _expected(if_match)
+        if idempotency is None and batchable and rows.storable(arrays):
+            chars = sum(len(m.content) for m in messages)
+            outcome = await self._writer.append(
+                PendingAppend(tenant, session_id, len(messages), expected, arrays, chars)
+            )
+            if not isinstance(outcome, RunAlone):
+                result = self._appended(session_id, outcome, messages, if_match)
+                if result is not None:
+                    return result
+        # By itself: under an Idempotency-Key, with an If-Match of several versions, or after a lost race.
+        args = (len(messages), utcnow(), _versions(if_match), *arrays)
         for _ in range(RACE_ATTEMPTS):
             if idempotency is None:
                 async with self._writing() as conn:
@@ -369,6 +392,7 @@ class PostgresSessionRepository:
             raise StorageUnavailable("PostgreSQL is a read-only standby")
 
     async def aclose(self) -> None:
+        await self._writer.aclose()
         try:
             await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

@@ -98,6 +98,16 @@ def _raw_content(content: str) -> bytes | None:
     return content.encode("utf-8", "surrogatepass")
 
 
+def storable(arrays: tuple[list[Any], ...]) -> bool:
+    """Whether PostgreSQL takes every text of `message_arrays` (it refuses U+0000 outside content_raw)."""
+    _, content, _, metadata, refs = arrays
+    for column in (content, metadata, refs):
+        for text in column:
+            if text is not None and ("\\u0000" in text or _NOT_TEXT.search(text) is not None):
+                return False
+    return True
+
+
 def message_arrays(messages: list[MessageCreate]) -> tuple[list[Any], ...]:
     """The message arrays of `queries.APPEND` (role, content, content_raw, metadata, refs)."""
     raw = [_raw_content(m.content) for m in messages]
