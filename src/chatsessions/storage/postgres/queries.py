@@ -115,17 +115,18 @@ WITH wanted AS (
         WITH ORDINALITY AS w(tenant, id, n, expected, i)
 ),
 locked AS (
-    SELECT s.tenant, s.id FROM sessions s JOIN wanted w ON s.tenant = w.tenant AND s.id = w.id
+    SELECT s.tenant, s.id, w.n, w.expected, w.i
+    FROM sessions s JOIN wanted w ON s.tenant = w.tenant AND s.id = w.id
     ORDER BY s.tenant, s.id
     FOR UPDATE OF s
 ),
 changed AS (
     UPDATE sessions s
-    SET message_count = s.message_count + w.n, last_seq = s.last_seq + w.n, version = s.version + 1,
+    SET message_count = s.message_count + l.n, last_seq = s.last_seq + l.n, version = s.version + 1,
         updated_at = greatest($5::timestamptz, s.updated_at)
-    FROM locked l JOIN wanted w ON w.tenant = l.tenant AND w.id = l.id
-    WHERE s.tenant = l.tenant AND s.id = l.id AND (w.expected IS NULL OR s.version = w.expected)
-    RETURNING w.i, w.n, s.tenant, {_S_SESSION_COLUMNS}
+    FROM locked l
+    WHERE s.tenant = l.tenant AND s.id = l.id AND (l.expected IS NULL OR s.version = l.expected)
+    RETURNING l.i, l.n, s.tenant, {_S_SESSION_COLUMNS}
 ),
 added AS (
     INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
