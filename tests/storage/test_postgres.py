@@ -203,12 +203,13 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
     arrays = (["user"], ["c"], [None], [None], [None])
     twice = tuple(column * 2 for column in arrays)
     now = await admin.fetchval("SELECT now()")
-    for sql, args in (
+    changes: list[tuple[str, tuple[object, ...]]] = [
         (queries.APPEND, ("t0", "s3", 1, now, None, *arrays)),
         (queries.APPEND_BATCH, (["t0", "t1"], ["s3", "s4"], [1, 1], [None, 2], now, [1, 2], [1, 1], *twice)),
         (queries.DELETE_SESSION, ("t0", "s3", [1])),
-    ):
-        nodes = await explain(admin, sql, *args)
+    ]
+    for sql, values in changes:
+        nodes = await explain(admin, sql, *values)
         assert "Seq Scan" not in [kind for kind, _ in nodes], (sql, nodes)
 
 
@@ -348,9 +349,9 @@ async def test_updated_at_never_moves_back_and_messages_carry_it(
         assert {m.created_at for m in added} == {ahead}
         stored, _ = await pg_repository.list_messages(A, session.id, MessageQuery())
         assert stored == added
-    session = await pg_repository.get_session(A, "s")
-    assert session is not None
-    assert session.updated_at == ahead
+    head = await pg_repository.get_session(A, "s")
+    assert head is not None
+    assert head.updated_at == ahead
 
 
 async def test_batches_of_two_replicas_over_the_same_sessions_never_deadlock(
