@@ -31,6 +31,7 @@ from chatsessions.errors import (
     IdempotencyInProgress,
     InvalidInput,
     PreconditionFailed,
+    SessionExists,
     SessionNotFound,
     StorageUnavailable,
 )
@@ -207,6 +208,21 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
         (queries.APPEND, ("t0", "s3", 1, now, None, *arrays)),
         (queries.APPEND_BATCH, (["t0", "t1"], ["s3", "s4"], [1, 1], [None, 2], now, [1, 2], [1, 1], *twice)),
         (queries.DELETE_SESSION, ("t0", "s3", [1])),
+        (
+            queries.CREATE_BATCH,
+            (
+                ["t0", "t1"],
+                ["s3", "new"],
+                *([[None, None]] * 4),
+                ["{}"] * 2,
+                ["{}"] * 2,
+                [0, 0],
+                [0, 0],
+                [1, 1],
+                [now, now],
+                [now, now],
+            ),
+        ),
     ]
     for sql, values in changes:
         nodes = await explain(admin, sql, *values)
@@ -323,6 +339,48 @@ async def test_appends_arriving_together_share_a_commit_yet_each_gets_its_own_ou
         assert await all_contents(repository, "s1") == []
         assert await all_contents(repository, "s3") == []
         assert await repository.get_session(A, "s3") == sessions[3]
+    finally:
+        await repository.aclose()
+
+
+async def test_creates_arriving_together_share_a_commit_yet_each_gets_its_own_outcome(pg_settings: Settings) -> None:
+    commits = Commits()
+    repository = await PostgresSessionRepository.open(pg_settings, observer=commits)
+    try:
+        existing = await repository.create_session(A, SessionCreate(id="old", title="kept"))
+        outcomes = await asyncio.gather(
+            repository.create_session(A, SessionCreate(id="twice", title="first")),
+            repository.create_session(A, SessionCreate(id="twice", title="second")),
+            repository.create_session(A, SessionCreate(id="old")),
+            repository.create_session(A, SessionCreate(id="bad", title="a\x00b")),
+            repository.get_or_create_session(A, "old", SessionCreate(title="ignored")),
+            repository.get_or_create_session(A, "new", SessionCreate(title="made")),
+            repository.create_session("tenant-b", SessionCreate(id="old", title="b's")),
+            *(repository.create_session(A, SessionCreate(id=f"s{i}")) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert max(commits.changes) > 1  # they shared a statement
+
+        first = outcomes[0]
+        assert isinstance(first, Session)
+        assert first.title == "first"
+        assert isinstance(outcomes[1], SessionExists)
+        assert isinstance(outcomes[2], SessionExists)
+        assert isinstance(outcomes[3], InvalidInput)
+        assert outcomes[4] == (existing, False)
+        made = outcomes[5]
+        assert isinstance(made, tuple)
+        assert made[1] is True
+        assert made[0].title == "made"
+        assert await repository.get_session(A, "twice") == first
+        assert await repository.get_session(A, "new") == made[0]
+        assert await repository.get_session(A, "old") == existing
+        assert await repository.get_session(A, "bad") is None
+        other = await repository.get_session("tenant-b", "old")
+        assert other is not None
+        assert other.title == "b's"
+        for i in range(5):
+            assert await repository.get_session(A, f"s{i}") == outcomes[7 + i]
     finally:
         await repository.aclose()
 

@@ -28,17 +28,16 @@ MESSAGE_COLUMNS = "seq, role, content, content_raw, created_at, metadata, refs"
 SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
 LOCK_SESSION = SELECT_SESSION + " FOR UPDATE"
 
-_SESSION_VALUES = "($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13)"
-_INSERT_SESSION = f"""
+# Arguments: tenant, id, then `rows.session_values`.
+_INSERT_SESSION = """
 INSERT INTO sessions (tenant, id, user_id, document_id, section_id, title, settings, metadata,
                       message_count, last_seq, version, created_at, updated_at)
-VALUES {_SESSION_VALUES}
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13)
 ON CONFLICT (tenant, id) DO NOTHING
 """
-# Arguments: tenant, id, then `rows.session_values`. One row (true) when created, none when the id exists.
-INSERT_SESSION = _INSERT_SESSION + "RETURNING true"
-# INSERT_SESSION's arguments, then key, fingerprint, status, body, headers, ttl: the answer
-# under an Idempotency-Key commits with the session it created, in the same statement.
+# _INSERT_SESSION's arguments, then key, fingerprint, status, body, headers, ttl: the answer under
+# an Idempotency-Key commits with the session it created, in the same statement. One row (true) when
+# created, none when the id exists.
 INSERT_SESSION_ANSWERED = f"""
 WITH created AS ({_INSERT_SESSION} RETURNING true),
 answered AS (
@@ -49,7 +48,7 @@ answered AS (
 )
 SELECT true FROM created
 """
-# INSERT_SESSION's arguments. Created: one row (true, the new row). Exists: (false, the row as this
+# _INSERT_SESSION's arguments. Created: one row (true, the new row). Exists: (false, the row as this
 # statement's snapshot sees it), or no row when the row that won the race is newer than that snapshot.
 GET_OR_INSERT_SESSION = f"""
 WITH created AS ({_INSERT_SESSION} RETURNING {SESSION_COLUMNS})
@@ -57,6 +56,33 @@ SELECT true AS created, {SESSION_COLUMNS} FROM created
 UNION ALL
 SELECT false, {SESSION_COLUMNS} FROM sessions
 WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM created)
+"""
+
+# GET_OR_INSERT_SESSION for many sessions at once (each at most once): arguments one array per
+# argument of _INSERT_SESSION. Answers, for each session `i` (1-based), as GET_OR_INSERT_SESSION
+# does. Rows go in in (tenant, id) order, so two batches never wait for each other in a cycle.
+CREATE_BATCH = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::timestamptz[],
+                         $13::timestamptz[])
+        WITH ORDINALITY AS w(tenant, id, user_id, document_id, section_id, title, settings, metadata,
+                             message_count, last_seq, version, created_at, updated_at, i)
+),
+created AS (
+    INSERT INTO sessions (tenant, id, user_id, document_id, section_id, title, settings, metadata,
+                          message_count, last_seq, version, created_at, updated_at)
+    SELECT tenant, id, user_id, document_id, section_id, title, settings::jsonb, metadata::jsonb,
+           message_count, last_seq, version, created_at, updated_at
+    FROM wanted ORDER BY tenant, id
+    ON CONFLICT (tenant, id) DO NOTHING
+    RETURNING tenant, id
+)
+SELECT w.i, c.id IS NOT NULL AS created, {_S_SESSION_COLUMNS}
+FROM wanted w
+LEFT JOIN created c ON c.tenant = w.tenant AND c.id = w.id
+LEFT JOIN sessions s ON c.id IS NULL AND s.tenant = w.tenant AND s.id = w.id
+WHERE c.id IS NOT NULL OR s.id IS NOT NULL
 """
 
 # Arguments: tenant, id, then `rows.session_links`, version, updated_at.

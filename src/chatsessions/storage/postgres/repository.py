@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
@@ -42,7 +43,16 @@ from chatsessions.storage.postgres import queries as q
 from chatsessions.storage.postgres import rows
 from chatsessions.storage.postgres.faults import translate_errors
 from chatsessions.storage.postgres.schema import application_name, migrate
-from chatsessions.storage.postgres.writer import AppendWriter, PendingAppend, RunAlone
+from chatsessions.storage.postgres.writer import (
+    ALONE,
+    MESSAGE_WEIGHT,
+    GroupCommit,
+    PendingAppend,
+    PendingCreate,
+    RunAlone,
+    run_appends,
+    run_creates,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -105,7 +115,12 @@ class PostgresSessionRepository:
         self._idempotency_lease = idempotency_lease
         self._observer: StoreObserver = observer if observer is not None else NullObserver()
         self._next_purge = 0.0  # time.monotonic() after which expired keys are deleted
-        self._writer = AppendWriter(self._connection, observer=self._observer)
+        self._appends = GroupCommit(
+            run_appends, connection=self._connection, observer=self._observer, name="chatsessions-appends"
+        )
+        self._creates = GroupCommit(
+            run_creates, connection=self._connection, observer=self._observer, name="chatsessions-creates"
+        )
 
     @classmethod
     async def open(cls, settings: Settings, *, observer: StoreObserver | None = None) -> PostgresSessionRepository:
@@ -189,11 +204,11 @@ class PostgresSessionRepository:
     ) -> Session:
         session = common.new_session(data, now=utcnow())
         values = rows.session_values(session)
-        async with self._writing() as conn:
-            if idempotency is None:
-                created = await conn.fetchval(q.INSERT_SESSION, tenant, session.id, *values)
-            else:
-                answer = idempotency.render(session, [])
+        if idempotency is None:
+            created, _ = await self._create(tenant, session.id, values)
+        else:  # the answer commits with the session, in the same statement
+            answer = idempotency.render(session, [])
+            async with self._writing() as conn:
                 created = await conn.fetchval(
                     q.INSERT_SESSION_ANSWERED,
                     tenant,
@@ -206,7 +221,7 @@ class PostgresSessionRepository:
                     rows.dump(answer.headers),
                     self._idempotency_ttl,
                 )
-        if created is None:
+        if not created:
             raise SessionExists(session.id)
         return session
 
@@ -216,11 +231,29 @@ class PostgresSessionRepository:
         # INSERT ... ON CONFLICT decides the race in the database; the loser reads the winner's
         # row. When that row is newer than the statement's snapshot (or went again), try again.
         for _ in range(RACE_ATTEMPTS):
-            async with self._writing() as conn:
-                row = await conn.fetchrow(q.GET_OR_INSERT_SESSION, tenant, session_id, *values)
+            created, row = await self._create(tenant, session_id, values)
+            if created:
+                return session, True
             if row is not None:
-                return (session, True) if row["created"] else (rows.session_from(row), False)
+                return rows.session_from(row), False
         raise StorageUnavailable(f"session {session_id!r} is being created and deleted too fast; retry")
+
+    async def _create(
+        self, tenant: str, session_id: str, values: tuple[Any, ...]
+    ) -> tuple[bool, asyncpg.Record | None]:
+        """Insert a session unless the id exists: whether it did, else the existing row if visible."""
+        outcome: asyncpg.Record | RunAlone | None = ALONE
+        if rows.storable(values):
+            weight = sum(len(v) for v in values if isinstance(v, str))
+            outcome = await self._creates.submit(
+                PendingCreate(tenant=tenant, session_id=session_id, weight=weight, values=values)
+            )
+        if isinstance(outcome, RunAlone):
+            async with self._writing() as conn:
+                outcome = await conn.fetchrow(q.GET_OR_INSERT_SESSION, tenant, session_id, *values)
+        if outcome is None:
+            return False, None
+        return bool(outcome["created"]), None if outcome["created"] else outcome
 
     async def get_session(self, tenant: str, session_id: str) -> Session | None:
         async with self._connection() as conn:
@@ -278,11 +311,18 @@ class PostgresSessionRepository:
     ) -> tuple[Session, list[Message]]:
         arrays = rows.message_arrays(messages)
         batchable, expected = _expected(if_match)
-        if idempotency is None and batchable and rows.storable(arrays):
-            chars = sum(len(m.content) for m in messages)
-            outcome = await self._writer.append(
-                PendingAppend(tenant, session_id, len(messages), expected, arrays, chars)
+        _, content, _, metadata, refs = arrays
+        if idempotency is None and batchable and rows.storable(itertools.chain(content, metadata, refs)):
+            weight = sum(len(m.content) + MESSAGE_WEIGHT for m in messages)
+            pending = PendingAppend(
+                tenant=tenant,
+                session_id=session_id,
+                weight=weight,
+                count=len(messages),
+                expected=expected,
+                arrays=arrays,
             )
+            outcome = await self._appends.submit(pending)
             if not isinstance(outcome, RunAlone):
                 result = self._appended(session_id, outcome, messages, if_match)
                 if result is not None:
@@ -392,7 +432,8 @@ class PostgresSessionRepository:
             raise StorageUnavailable("PostgreSQL is a read-only standby")
 
     async def aclose(self) -> None:
-        await self._writer.aclose()
+        await self._appends.aclose()
+        await self._creates.aclose()
         try:
             await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

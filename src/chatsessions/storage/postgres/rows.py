@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,7 +64,7 @@ def message_from(row: asyncpg.Record) -> Message:
 
 
 def session_values(session: Session) -> tuple[Any, ...]:
-    """The columns of `sessions` after (tenant, id), in `queries.INSERT_SESSION` order."""
+    """The columns of `sessions` after (tenant, id), in the order of `queries.GET_OR_INSERT_SESSION`'s arguments."""
     return (
         session.user_id,
         session.document_id,
@@ -98,13 +99,15 @@ def _raw_content(content: str) -> bytes | None:
     return content.encode("utf-8", "surrogatepass")
 
 
-def storable(arrays: tuple[list[Any], ...]) -> bool:
-    """Whether PostgreSQL takes every text of `message_arrays` (it refuses U+0000 outside content_raw)."""
-    _, content, _, metadata, refs = arrays
-    for column in (content, metadata, refs):
-        for text in column:
-            if text is not None and ("\\u0000" in text or _NOT_TEXT.search(text) is not None):
-                return False
+def storable(values: Iterable[Any]) -> bool:
+    """Whether PostgreSQL takes every text among `values`, JSON texts included.
+
+    It refuses U+0000 (and unpaired surrogates) in text and jsonb; only message
+    content has a way around that (`content_raw`).
+    """
+    for value in values:
+        if isinstance(value, str) and ("\\u0000" in value or _NOT_TEXT.search(value) is not None):
+            return False
     return True
 
 

@@ -1,15 +1,19 @@
-"""Group commit for appends: the appends that arrive while one statement runs go into the next.
+"""Group commit: the changes that arrive while one statement runs go into the next one.
 
-One writer task per repository owns the queue. It takes every queued append
-to a session that is not already in the batch (a second append to the same
-session waits for the next batch, so appends to one session keep their
-order), runs them as one statement (`queries.APPEND_BATCH`, one transaction,
-one WAL flush) and hands each append its own row. Rows are locked in
-(tenant, id) order, so batches of several writers or replicas never
-deadlock. An append that the batch statement cannot take (the statement
-failed for a reason other than the database being unavailable, say one
-append holds a character PostgreSQL refuses) is handed `ALONE` and runs by
-itself, so it fails alone.
+A `GroupCommit` owns a queue and the one task that drains it. The task takes
+every queued change to a session that is not already in the batch (a second
+change to the same session waits for the next batch, so changes to one
+session keep their order), runs them as one statement (one transaction, one
+WAL flush) and hands each change its own row. Appends and creates each have
+their queue and their batch statement (`queries.APPEND_BATCH`,
+`queries.CREATE_BATCH`), both of which take their row locks in (tenant, id)
+order, so batches of several replicas never wait for each other in a cycle.
+
+A change that its batch cannot take (the statement failed for a reason other
+than the database being unavailable: one change may hold something
+PostgreSQL refuses) is handed `ALONE`, and its caller runs it by itself, so
+it fails alone. When the database is unavailable, every change of the batch
+fails with it: nothing of a failed batch was committed.
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar
 
 import asyncpg
 
@@ -38,65 +41,89 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatsessions.postgres")
 
-# Bounds of one batch statement: appends, messages, and characters of content.
-MAX_BATCH_APPENDS: Final = 256
-MAX_BATCH_MESSAGES: Final = 2048
-MAX_BATCH_CHARS: Final = 8 * 1024 * 1024
+# Bounds of one batch statement: changes, and their weight (about their bytes).
+MAX_BATCH_CHANGES: Final = 256
+MAX_BATCH_WEIGHT: Final = 8 * 1024 * 1024
+MESSAGE_WEIGHT: Final = 4096  # what a message row costs beside its content: at most ~2,000 rows a batch
 
 
 class RunAlone:
-    """The batch could not take this append: run it by itself."""
+    """The batch could not take this change: its caller runs it by itself."""
 
 
 ALONE: Final = RunAlone()
+# A change's row (see the batch statements), None when the statement answered no row, or ALONE.
 Outcome: TypeAlias = "asyncpg.Record | RunAlone | None"
 
 
-@dataclass(slots=True)
-class PendingAppend:
+def _future() -> asyncio.Future[Outcome]:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(slots=True, kw_only=True)
+class Pending:
+    """One queued change to one session."""
+
     tenant: str
     session_id: str
+    weight: int
+    done: asyncio.Future[Outcome] = field(default_factory=_future)
+
+
+@dataclass(slots=True, kw_only=True)
+class PendingAppend(Pending):
     count: int
     expected: int | None  # the version If-Match demands; None: any
     arrays: tuple[list[Any], ...]  # `rows.message_arrays`
-    chars: int
-    done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class AppendWriter:
-    """Owns the append queue and the task that drains it into batch statements."""
+@dataclass(slots=True, kw_only=True)
+class PendingCreate(Pending):
+    values: tuple[Any, ...]  # `rows.session_values`
+
+
+P = TypeVar("P", bound=Pending)
+Runner: TypeAlias = Callable[["Conn", list[P]], Awaitable[Sequence["asyncpg.Record | None"]]]
+
+
+class GroupCommit(Generic[P]):
+    """A queue of changes and the task that drains it into batch statements run by `run`."""
 
     def __init__(
         self,
-        connection: Callable[[], AbstractAsyncContextManager[Conn]],
+        run: Runner[P],
         *,
+        connection: Callable[[], AbstractAsyncContextManager[Conn]],
         observer: StoreObserver,
+        name: str,
     ) -> None:
+        self._run_batch = run
         self._connection = connection
         self._observer = observer
-        self._queue: deque[PendingAppend] = deque()
+        self._name = name
+        self._queue: deque[P] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def append(self, pending: PendingAppend) -> Outcome:
-        """Queue `pending` and wait for its row (None: no such session; ALONE: run it alone)."""
+    async def submit(self, change: P) -> Outcome:
+        """Queue `change` and wait for its outcome."""
         if self._closed:
             raise StorageUnavailable("the store is closing")
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="chatsessions-postgres-writer")
-        self._queue.append(pending)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name=self._name)
+        self._queue.append(change)
         self._wakeup.set()
-        return await pending.done
+        return await change.done
 
     async def aclose(self) -> None:
-        """Finish what is queued, then stop the writer."""
+        """Finish what is queued, then stop the task."""
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
             await self._task
 
-    async def _run(self) -> None:
+    async def _drain(self) -> None:
         while True:
             if not self._queue:
                 if self._closed:
@@ -106,106 +133,113 @@ class AppendWriter:
                 continue
             self._observer.queue_depth(len(self._queue))
             batch = self._take()
+            if not batch:
+                continue
             try:
                 await self._write(batch)
-            except BaseException as exc:  # the task itself is cancelled: fail the batch, stop
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(StorageUnavailable("the store is closing"))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                log.exception("PostgreSQL append writer failed")
+            except BaseException:  # only a bug or a cancelled task gets here: fail the batch
+                self._settle(batch, StorageUnavailable("the store failed"))
+                raise
 
-    def _take(self) -> list[PendingAppend]:
-        """The next batch: queued appends in order, at most one per session, within the bounds."""
-        batch: list[PendingAppend] = []
-        later: deque[PendingAppend] = deque()
+    def _take(self) -> list[P]:
+        """The next batch: queued changes in order, at most one per session, within the bounds."""
+        batch: list[P] = []
+        later: list[P] = []
         taken: set[tuple[str, str]] = set()
-        messages = chars = 0
+        weight = 0
         while self._queue:
-            item = self._queue.popleft()
-            if item.done.done():  # its caller was cancelled while it waited: nobody wants it now
+            change = self._queue.popleft()
+            if change.done.done():  # its caller was cancelled while it waited: nobody wants it now
                 continue
-            key = (item.tenant, item.session_id)
-            full = batch and (
-                len(batch) >= MAX_BATCH_APPENDS
-                or messages + item.count > MAX_BATCH_MESSAGES
-                or chars + item.chars > MAX_BATCH_CHARS
-            )
-            if full:
-                self._queue.appendleft(item)
+            if batch and (len(batch) >= MAX_BATCH_CHANGES or weight + change.weight > MAX_BATCH_WEIGHT):
+                self._queue.appendleft(change)
                 break
+            key = (change.tenant, change.session_id)
             if key in taken:
-                later.append(item)
+                later.append(change)
                 continue
             taken.add(key)
-            batch.append(item)
-            messages += item.count
-            chars += item.chars
+            batch.append(change)
+            weight += change.weight
         self._queue.extendleft(reversed(later))
         return batch
 
-    async def _write(self, batch: list[PendingAppend]) -> None:
+    async def _write(self, batch: list[P]) -> None:
         started = time.perf_counter()
         try:
-            outcomes = await self._execute(batch)
+            async with self._connection() as conn:
+                outcomes = await self._run_batch(conn, batch)
         except (StorageFull, StorageUnavailable) as exc:
             self._settle(batch, exc)
             return
-        except Exception:  # one append may poison the whole statement: each runs alone
+        except Exception:  # one change may poison the whole statement: each runs alone
+            log.debug("PostgreSQL batch of %d failed; its changes run alone", len(batch), exc_info=True)
             self._settle(batch, ALONE)
             return
         finally:
             self._observer.commit(changes=len(batch), seconds=time.perf_counter() - started)
-        for item, outcome in zip(batch, outcomes, strict=True):
-            if not item.done.done():
-                item.done.set_result(outcome)
-
-    async def _execute(self, batch: list[PendingAppend]) -> list[asyncpg.Record | None]:
-        """Each append's row (None: no such session), in batch order."""
-        async with self._connection() as conn:
-            if len(batch) == 1:  # nothing to share a statement with: the simpler one is cheaper
-                return [await conn.fetchrow(q.APPEND, *_single_args(batch[0], now=utcnow()))]
-            found = await conn.fetch(q.APPEND_BATCH, *_batch_args(batch, now=utcnow()))
-        outcomes: list[asyncpg.Record | None] = [None] * len(batch)
-        for row in found:
-            outcomes[row["i"] - 1] = row
-        return outcomes
+        for change, outcome in zip(batch, outcomes, strict=True):
+            if not change.done.done():
+                change.done.set_result(outcome)
 
     @staticmethod
-    def _settle(batch: list[PendingAppend], outcome: Outcome | BaseException) -> None:
-        for item in batch:
-            if item.done.done():
+    def _settle(batch: list[P], outcome: RunAlone | BaseException) -> None:
+        for change in batch:
+            if change.done.done():
                 continue
             if isinstance(outcome, BaseException):
-                item.done.set_exception(outcome)
+                change.done.set_exception(outcome)
             else:
-                item.done.set_result(outcome)
+                change.done.set_result(outcome)
 
 
-def _single_args(item: PendingAppend, *, now: datetime) -> tuple[Any, ...]:
-    """The arguments of `queries.APPEND`."""
-    versions = None if item.expected is None else [item.expected]
-    return (item.tenant, item.session_id, item.count, now, versions, *item.arrays)
+def _by_index(found: list[asyncpg.Record], size: int) -> list[asyncpg.Record | None]:
+    """Rows carrying `i` (1-based) in batch order; None where the statement answered none."""
+    outcomes: list[asyncpg.Record | None] = [None] * size
+    for row in found:
+        outcomes[row["i"] - 1] = row
+    return outcomes
 
 
-def _batch_args(batch: list[PendingAppend], *, now: datetime) -> tuple[Any, ...]:
-    """The arguments of `queries.APPEND_BATCH`."""
+async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Record | None]:
+    """Run a batch of appends; each outcome is a row as `queries.APPEND` answers it."""
+    now = utcnow()
+    if len(batch) == 1:  # nothing to share a statement with: the simpler one is cheaper
+        one = batch[0]
+        versions = None if one.expected is None else [one.expected]
+        return [await conn.fetchrow(q.APPEND, one.tenant, one.session_id, one.count, now, versions, *one.arrays)]
     index: list[int] = []
     order: list[int] = []
     columns: tuple[list[Any], ...] = ([], [], [], [], [])
-    for i, item in enumerate(batch, start=1):
-        index += [i] * item.count
-        order += range(1, item.count + 1)
-        for column, values in zip(columns, item.arrays, strict=True):
+    for i, change in enumerate(batch, start=1):
+        index += [i] * change.count
+        order += range(1, change.count + 1)
+        for column, values in zip(columns, change.arrays, strict=True):
             column += values
-    return (
-        [item.tenant for item in batch],
-        [item.session_id for item in batch],
-        [item.count for item in batch],
-        [item.expected for item in batch],
+    found = await conn.fetch(
+        q.APPEND_BATCH,
+        [change.tenant for change in batch],
+        [change.session_id for change in batch],
+        [change.count for change in batch],
+        [change.expected for change in batch],
         now,
         index,
         order,
         *columns,
     )
+    return _by_index(found, len(batch))
+
+
+async def run_creates(conn: Conn, batch: list[PendingCreate]) -> list[asyncpg.Record | None]:
+    """Run a batch of creates; each outcome is a row as `queries.GET_OR_INSERT_SESSION` answers it."""
+    if len(batch) == 1:
+        one = batch[0]
+        return [await conn.fetchrow(q.GET_OR_INSERT_SESSION, one.tenant, one.session_id, *one.values)]
+    columns = [list(column) for column in zip(*(change.values for change in batch), strict=True)]
+    found = await conn.fetch(
+        q.CREATE_BATCH,
+        [change.tenant for change in batch],
+        [change.session_id for change in batch],
+        *columns,
+    )
+    return _by_index(found, len(batch))
