@@ -7,15 +7,19 @@
 - `rows`: the one place where domain models become arguments and rows become
   domain models.
 - `faults`: what a failure of the database or the network becomes.
+- `writer`: group commit, the queues that gather concurrent appends (and
+  creates) into one statement.
 - `repository`: `PostgresSessionRepository`, the contract of `storage/base.py`.
 
 The tables live in one schema (`Settings.postgres_schema`), which every pooled
-connection reaches through its `search_path`. An append or a create is one
-statement, run outside an explicit transaction (one round trip): the row lock
-its `UPDATE` takes serialises appends to one session across replicas, and
-`If-Match` is checked against the locked version in the same statement. An
-answer kept under an Idempotency-Key commits together with its change. Nothing
-is cached, so any replica reads what any other replica committed.
+connection reaches through its `search_path`. Appends and creates are single
+statements run outside an explicit transaction, and the ones that arrive
+together share one statement (one round trip, one WAL flush for the lot).
+The row lock a statement's `UPDATE` takes serialises appends to one session
+across replicas, and `If-Match` is checked against the locked version in the
+same statement. An answer kept under an Idempotency-Key commits together with
+its change. Nothing is cached, so any replica reads what any other replica
+committed.
 
 A database that cannot be reached (refused, reset, terminated, too slow)
 surfaces as `StorageUnavailable` within `postgres_timeout_seconds`; the pool

@@ -133,8 +133,10 @@ WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM changed)
 # APPEND for many sessions at once (each at most once), in one statement: arguments tenants, ids,
 # counts, expected versions (NULL: any), now, then per message: the index (1-based) of its append,
 # its place in that append, and the columns of `rows.message_arrays`. Answers one row per append
-# whose session exists: `i` its index, then as APPEND. `locked` takes the row locks in (tenant, id)
-# order before anything changes, so two batches never wait for each other in a cycle.
+# whose session exists: `i` its index, then as APPEND. A batch never waits for a row lock: it skips
+# a session that another transaction holds (that append answers `found = false` with a version
+# that passes, and runs again by itself), so one busy session never holds up the others, and
+# batches cannot deadlock.
 APPEND_BATCH = f"""
 WITH wanted AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
@@ -143,8 +145,7 @@ WITH wanted AS (
 locked AS (
     SELECT s.tenant, s.id, w.n, w.expected, w.i
     FROM sessions s JOIN wanted w ON s.tenant = w.tenant AND s.id = w.id
-    ORDER BY s.tenant, s.id
-    FOR UPDATE OF s
+    FOR UPDATE OF s SKIP LOCKED
 ),
 changed AS (
     UPDATE sessions s

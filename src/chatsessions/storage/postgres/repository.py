@@ -128,7 +128,8 @@ class PostgresSessionRepository:
 
         Args:
             settings: `postgres_dsn`, `postgres_schema`, pool bounds and timeout are used.
-            observer: told of every write transaction (`commit(changes=1, seconds=...)`).
+            observer: told of every write transaction (`commit`, with the number of changes it
+                held) and of the group-commit queues' depth (`queue_depth`).
 
         Raises:
             StorageUnavailable: no DSN is configured, or PostgreSQL cannot be reached.

@@ -5,9 +5,11 @@ every queued change to a session that is not already in the batch (a second
 change to the same session waits for the next batch, so changes to one
 session keep their order), runs them as one statement (one transaction, one
 WAL flush) and hands each change its own row. Appends and creates each have
-their queue and their batch statement (`queries.APPEND_BATCH`,
-`queries.CREATE_BATCH`), both of which take their row locks in (tenant, id)
-order, so batches of several replicas never wait for each other in a cycle.
+their queue and their batch statement. `queries.APPEND_BATCH` never waits
+for a row lock (it leaves a session that another transaction holds to run by
+itself), so one busy session does not hold up the queue; `queries.CREATE_BATCH`
+inserts in (tenant, id) order, so batches of several replicas never wait for
+each other in a cycle.
 
 A change that its batch cannot take (the statement failed for a reason other
 than the database being unavailable: one change may hold something
@@ -202,12 +204,8 @@ def _by_index(found: list[asyncpg.Record], size: int) -> list[asyncpg.Record | N
 
 
 async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Record | None]:
-    """Run a batch of appends; each outcome is a row as `queries.APPEND` answers it."""
-    now = utcnow()
-    if len(batch) == 1:  # nothing to share a statement with: the simpler one is cheaper
-        one = batch[0]
-        versions = None if one.expected is None else [one.expected]
-        return [await conn.fetchrow(q.APPEND, one.tenant, one.session_id, one.count, now, versions, *one.arrays)]
+    """Run a batch of appends; each outcome is a row as `queries.APPEND_BATCH` answers it."""
+    # Even for one append: APPEND would wait for a row lock, and the whole queue with it.
     index: list[int] = []
     order: list[int] = []
     columns: tuple[list[Any], ...] = ([], [], [], [], [])
@@ -222,7 +220,7 @@ async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Re
         [change.session_id for change in batch],
         [change.count for change in batch],
         [change.expected for change in batch],
-        now,
+        utcnow(),
         index,
         order,
         *columns,
