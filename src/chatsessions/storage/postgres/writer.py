@@ -123,7 +123,7 @@ class GroupCommit(Generic[P]):
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])  # its failure, if any, was its batch's to report
 
     async def _drain(self) -> None:
         while True:
