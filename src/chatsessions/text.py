@@ -41,10 +41,19 @@ def words(text: str) -> list[str]:
     return _WORD.findall(fold(text))
 
 
+def index_text(text: str) -> str:
+    """The folded text a message is indexed under, for an engine that splits words itself.
+
+    SQLite's unicode61 tokenizer splits it into the same words as `words` (runs of
+    letters and digits), in C; the query's words are quoted phrases it splits alike.
+    """
+    # A word is rarely longer than 40 characters: the first MAX_INDEXED_WORDS fit in this prefix.
+    return fold(text[: MAX_INDEXED_WORDS * 40])
+
+
 def index_words(text: str) -> list[str]:
     """The words a message is indexed under: its first MAX_INDEXED_WORDS."""
-    # A word is rarely longer than 40 characters: fold only the part that can hold them.
-    found = words(text[: MAX_INDEXED_WORDS * 40])
+    found = _WORD.findall(index_text(text))
     return [word for word in found if len(word) <= MAX_WORD_CHARS][:MAX_INDEXED_WORDS]
 
 

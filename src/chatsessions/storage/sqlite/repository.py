@@ -77,7 +77,7 @@ from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
 from chatsessions.text import (
     SearchQuery,
     content_text,
-    index_words,
+    index_text,
     match_expression,
     role_token,
     snippet,
@@ -191,10 +191,10 @@ class SqliteSessionRepository:
         tenant_scope = tenant_token(tenant)
         for message in added:
             (rowid,) = next(conn.execute(rows.INSERT_MESSAGE, rows.message_values(pk, message)))
-            found = index_words(content_text(message.content))
-            if found:
+            indexed = index_text(content_text(message.content))
+            if indexed:
                 scope = f"{tenant_scope} {role_token(message.role.value)}"
-                conn.execute(rows.INDEX_WORDS, (rowid, scope, " ".join(found)))
+                conn.execute(rows.INDEX_WORDS, (rowid, scope, indexed))
             created = to_us(message.created_at)
             for ordinal, doc_id, reference in cited_doc_ids(message.references):
                 citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
