@@ -78,6 +78,17 @@ def test_second_serve_command_on_the_same_data_dir_refuses_with_a_clear_message(
     assert httpx.get(f"{owner.server.base_url}/readyz", timeout=10).status_code == 200
 
 
+def test_check_on_a_live_data_dir_is_one_line_and_exit_2(owner: Owner) -> None:
+    done = subprocess.run(
+        [CHATSESSIONS, "check"], env=owner.env, cwd=owner.cwd, capture_output=True, timeout=60, check=False
+    )
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert_refused_for_the_lock(done, owner.data_dir)
+
+
 def test_serve_with_two_workers_on_the_file_store_refuses(tmp_path: Path) -> None:
     env = server_env(CHATSESSIONS_STORE="file", CHATSESSIONS_DATA_DIR=tmp_path / "data")
     completed = subprocess.run(

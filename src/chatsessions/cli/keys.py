@@ -13,8 +13,9 @@ from chatsessions.config import Settings
 KEYS_FILE_VAR = "CHATSESSIONS_KEYS_FILE"
 
 
-def add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys (the keys file holds hashes only)")
+    keys.set_defaults(handler=keys_command)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--keys-file", type=Path, default=None, help=f"keys file (default: ${KEYS_FILE_VAR})")
     actions = keys.add_subparsers(dest="keys_command", required=True)
