@@ -90,8 +90,11 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(
         30.0, gt=0, description="A request body that does not arrive in full within this time: 408, connection closed."
     )
-    keep_alive_timeout_seconds: float = Field(
-        5.0, gt=0, description="Idle time after which a keep-alive connection is closed."
+    keep_alive_timeout_seconds: int = Field(
+        5,
+        ge=1,
+        description="Idle seconds after which a keep-alive connection is closed; also the time a connection has "
+        "to send its request headers.",
     )
     telemetry: bool = Field(
         False,

@@ -113,7 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     # Middlewares, innermost first: the body limit, authentication, then the request's id, log line and metrics.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes, body_timeout=resolved.body_timeout_seconds
+    )
     app.add_middleware(BearerAuthMiddleware, keys_required=resolved.keys_file is not None)
     app.add_middleware(AccessMiddleware)
     # The hot path first, before even /openapi.json: the router tries routes in order.

@@ -36,6 +36,8 @@ def refuse_if_locked(settings: Settings) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from chatsessions.api.protocol import HeaderDeadlineProtocol
+
     try:
         settings, env = settings_from(args)
     except SettingsError as exc:
@@ -67,9 +69,10 @@ def serve_command(args: argparse.Namespace) -> int:
         reload=args.reload,
         log_level=settings.log_level.value,
         loop="uvloop",
-        http="httptools",
+        http=HeaderDeadlineProtocol,
         access_log=False,  # the service writes its own access lines (api/access.py)
-        limit_concurrency=settings.max_connections,
-        timeout_keep_alive=int(settings.keep_alive_timeout_seconds) or 1,
+        # uvicorn refuses a request when the open connections, its own included, reach the limit.
+        limit_concurrency=settings.max_connections + 1 if settings.max_connections is not None else None,
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,
     )
     return 0
