@@ -24,8 +24,8 @@ from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.openapi import build_openapi
 from chatsessions.api.problems import install_problem_handlers
 from chatsessions.api.sessions import build_sessions_router
-from chatsessions.auth import KeySource
 from chatsessions.config import Settings, StoreKind
+from chatsessions.keys import KeySource
 from chatsessions.models import DEFAULT_TENANT
 from chatsessions.storage.base import SessionRepository, StoreObserver
 

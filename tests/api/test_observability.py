@@ -12,8 +12,8 @@ import pytest
 
 from chatsessions.api.logs import JsonFormatter, RequestIdFilter
 from chatsessions.api.metrics import Metrics
-from chatsessions.auth import create_key
 from chatsessions.config import LogFormat, Settings
+from chatsessions.keys import create_key
 from tests.api.support import create, running_app
 
 pytestmark = pytest.mark.asyncio

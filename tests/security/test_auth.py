@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatsessions.auth import KeysFileError, KeySource, create_key, load_keys, revoke_key
 from chatsessions.config import Settings
+from chatsessions.keys import KeysFileError, KeySource, create_key, load_keys, revoke_key
 from tests.security.support import PROBLEM_JSON, Tenants, asgi_request, bearer, make_tenants, running_app
 
 pytestmark = pytest.mark.asyncio

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatsessions.api.docs import ASSETS
 from chatsessions.api.problems import problem_response
-from chatsessions.auth import MAX_KEY_CHARS, KeySource
+from chatsessions.keys import MAX_KEY_CHARS, KeySource
 from chatsessions.models import DEFAULT_TENANT
 
 log = logging.getLogger("chatsessions")

@@ -32,7 +32,7 @@ async def _probe(settings: Settings) -> None:
 
 
 def check_command(args: argparse.Namespace) -> int:
-    from chatsessions.auth import KeysFileError, load_keys
+    from chatsessions.keys import KeysFileError, load_keys
 
     try:
         settings, _ = settings_from(args)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 
 from chatsessions.cli.flags import SettingsError, add_settings_flags, settings_from
-from chatsessions.cli.keys import serve_refusal
+from chatsessions.cli.keys import KEYS_FILE_VAR
 from chatsessions.config import Settings, StoreKind
 from chatsessions.errors import StorageLocked
+from chatsessions.keys import KeysFileError, load_keys
 
 
 def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,6 +25,33 @@ def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     serve.add_argument("--allow-anonymous", action="store_true", help="serve a non-loopback host with no keys file")
     add_settings_flags(serve)
     serve.set_defaults(handler=serve_command)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach; a host name other than localhost is not."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_refusal(settings: Settings, *, allow_anonymous: bool) -> str | None:
+    """Why `serve` must not start with these settings, or None."""
+    if settings.keys_file is not None:
+        try:
+            load_keys(settings.keys_file)
+        except KeysFileError as exc:
+            return str(exc)
+        return None
+    if allow_anonymous or is_loopback_host(settings.host):
+        return None
+    return (
+        f"refusing to serve on {settings.host} in open mode: without a keys file anyone who reaches the port reads "
+        f"and changes every session. Set ${KEYS_FILE_VAR} (create a key with `chatsessions keys create --tenant NAME`)"
+        ", bind a loopback address, or pass --allow-anonymous to accept that risk"
+    )
 
 
 def refuse_if_locked(settings: Settings) -> None:
