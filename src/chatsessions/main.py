@@ -20,7 +20,7 @@ from chatsessions.api.logs import configure_logging
 from chatsessions.api.messages import build_messages_router
 from chatsessions.api.metrics import Metrics
 from chatsessions.api.metrics import router as metrics_router
-from chatsessions.api.middleware import BodyLimitMiddleware
+from chatsessions.api.middleware import BodyDeadlines, BodyLimitMiddleware
 from chatsessions.api.openapi import build_openapi
 from chatsessions.api.problems import install_problem_handlers
 from chatsessions.api.sessions import build_sessions_router
@@ -39,6 +39,7 @@ class State(TypedDict):
     settings: Settings
     keys: KeySource | None
     metrics: Metrics
+    body_deadlines: BodyDeadlines
 
 
 async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
@@ -86,11 +87,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
             # What is alive now (modules, the app, the catalog) lives as long as the app: keep it
             # out of the collector's full passes, which otherwise rescan it under load.
+            deadlines = BodyDeadlines(interval=min(1.0, resolved.body_timeout_seconds / 4))
+            deadlines.start()
             gc.freeze()
             try:
-                yield {"repository": repository, "settings": resolved, "keys": keys, "metrics": metrics}
+                yield {
+                    "repository": repository,
+                    "settings": resolved,
+                    "keys": keys,
+                    "metrics": metrics,
+                    "body_deadlines": deadlines,
+                }
             finally:
                 gc.unfreeze()
+                await deadlines.aclose()
                 await repository.aclose()
         finally:
             logs.close()
