@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -43,6 +44,9 @@ class AccessMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Made ids: a random prefix per app and a counter (no syscall per request): 32 hex digits, unique.
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,7 +59,7 @@ class AccessMiddleware:
                 request_id = value if valid_request_id(value) else None
                 break
         if request_id is None:
-            request_id = os.urandom(16).hex().encode()
+            request_id = f"{self._prefix}{next(self._counter):016x}".encode()
         text_id = request_id.decode("ascii")
         token = REQUEST_ID.set(text_id)
         status = 500
