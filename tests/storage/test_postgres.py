@@ -196,7 +196,7 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
                 assert "Sort" not in kinds, (filters, kinds)
 
     for order in Order:
-        nodes = await explain(admin, page_query(order), "t0", "s3", 10_000, 2**63 - 1, 101)
+        nodes = await explain(admin, page_query(order), "t0", "s3", 10_000, 2**63 - 1, 101, 8 * 2**20)
         assert "Seq Scan" not in [kind for kind, _ in nodes], nodes
         assert ("Index Scan", "messages_pkey") in nodes, nodes
 
@@ -248,6 +248,34 @@ async def test_nul_outside_message_content_is_refused_and_changes_nothing(
     assert await pg_repository.get_session(A, "s") == created
     _, added = await pg_repository.append_messages(A, "s", [msg("content may hold \x00")])
     assert added[0].content == "content may hold \x00"
+
+
+async def test_a_page_stops_before_the_message_that_would_pass_max_page_bytes(pg_settings: Settings) -> None:
+    repository = await PostgresSessionRepository.open(pg_settings.model_copy(update={"max_page_bytes": 10}))
+    try:
+        await repository.create_session(A, SessionCreate(id="s"))
+        # UTF-8 bytes: 4, 4 ("é" is two), 4 (in content_raw: "\x00" is one), 20, 1
+        contents = ["aaaa", "éé", "b\x00cd", "x" * 20, "z"]
+        await repository.append_messages(A, "s", [msg(c) for c in contents])
+
+        async def page(**query: Any) -> tuple[list[int], bool]:
+            items, more = await repository.list_messages(A, "s", MessageQuery(**query))
+            return [m.seq for m in items], more
+
+        assert await page() == ([1, 2], True)
+        assert await page(after=2) == ([3], True)
+        assert await page(after=3) == ([4], True)  # alone past the bound: a page holds at least one
+        assert await page(after=4) == ([5], False)
+        assert await page(order=Order.desc) == ([5], True)
+        assert await page(order=Order.desc, before=5) == ([4], True)
+        assert await page(order=Order.desc, before=4) == ([3, 2], True)
+        assert await page(limit=1) == ([1], True)
+        assert await page(after=1, limit=1) == ([2], True)
+        assert await page(after=5) == ([], False)
+        items, _ = await repository.list_messages(A, "s", MessageQuery(after=2, limit=1))
+        assert items[0].content == "b\x00cd"
+    finally:
+        await repository.aclose()
 
 
 async def test_an_answer_committed_with_its_change_survives_a_release(pg_repository: PostgresSessionRepository) -> None:

@@ -177,14 +177,28 @@ CLEAR_COUNTERS = "UPDATE sessions SET message_count = 0, version = $3, updated_a
 
 
 def _page_sql(order: str) -> str:
-    # One statement, one snapshot: whether the session exists and its page agree.
+    # One statement, one snapshot: whether the session exists and its page agree. `bytes` is a
+    # message's content in UTF-8 bytes (octet_length reads no TOASTed value), `before_bytes` those of
+    # the page's earlier messages. The rows stop after the first message that would take the page
+    # past $6 bytes (sent, so the caller sees that the page stops early, and drops it unless first):
+    # the first message always belongs to the page, whatever its size, so the second always comes.
     return f"""
 SELECT m.*
 FROM sessions s
 LEFT JOIN LATERAL (
-    SELECT {MESSAGE_COLUMNS} FROM messages
-    WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
-    ORDER BY seq {order} LIMIT $5
+    SELECT * FROM (
+        SELECT {MESSAGE_COLUMNS}, bytes,
+               coalesce(sum(bytes) OVER (
+                   ORDER BY seq {order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING
+               ), 0) AS before_bytes,
+               row_number() OVER (ORDER BY seq {order}) AS n
+        FROM (
+            SELECT *, coalesce(octet_length(content), octet_length(content_raw)) AS bytes FROM messages
+            WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
+            ORDER BY seq {order} LIMIT $5
+        ) page
+    ) sized
+    WHERE before_bytes <= $6 OR n <= 2
 ) m ON true
 WHERE s.tenant = $1 AND s.id = $2
 ORDER BY m.seq {order}
@@ -244,5 +258,5 @@ def listing_query(
 
 
 def page_query(order: Order) -> str:
-    """SQL of a message page: arguments tenant, session id, after, before, limit."""
+    """SQL of a message page: arguments tenant, session id, after, before, limit, most content bytes."""
     return PAGE_ASC if order is Order.asc else PAGE_DESC

@@ -107,12 +107,14 @@ class PostgresSessionRepository:
         timeout: float,
         idempotency_ttl: float,
         idempotency_lease: float = IDEMPOTENCY_LEASE_SECONDS,
+        max_page_bytes: int = 8 * 2**20,
         observer: StoreObserver | None = None,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
         self._idempotency_ttl = idempotency_ttl
         self._idempotency_lease = idempotency_lease
+        self._max_page_bytes = max_page_bytes
         self._observer: StoreObserver = observer if observer is not None else NullObserver()
         self._next_purge = 0.0  # time.monotonic() after which expired keys are deleted
         self._appends = GroupCommit(
@@ -150,7 +152,13 @@ class PostgresSessionRepository:
                 reset=_keep_session_state,
                 server_settings={"search_path": f'"{schema}"', "application_name": application_name(schema)},
             )
-        return cls(pool, timeout=timeout, idempotency_ttl=settings.idempotency_ttl_seconds, observer=observer)
+        return cls(
+            pool,
+            timeout=timeout,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
+            max_page_bytes=settings.max_page_bytes,
+            observer=observer,
+        )
 
     # --- connections ----------------------------------------------------------
 
@@ -370,11 +378,19 @@ class PostgresSessionRepository:
     async def list_messages(self, tenant: str, session_id: str, query: MessageQuery) -> tuple[list[Message], bool]:
         after, before = common.seq_bounds(query)
         async with self._connection() as conn:
-            found = await conn.fetch(q.page_query(query.order), tenant, session_id, after, before, query.limit + 1)
+            found = await conn.fetch(
+                q.page_query(query.order), tenant, session_id, after, before, query.limit + 1, self._max_page_bytes
+            )
         if not found:
             raise SessionNotFound(session_id)
-        page = [rows.message_from(row) for row in found if row["seq"] is not None]
-        return page[: query.limit], len(page) > query.limit
+        page: list[Message] = []
+        for row in found[: query.limit]:
+            if row["seq"] is None:  # a session without messages in these bounds
+                break
+            if page and row["before_bytes"] + row["bytes"] > self._max_page_bytes:
+                return page, True
+            page.append(rows.message_from(row))
+        return page, len(found) > query.limit
 
     async def get_message(self, tenant: str, session_id: str, seq: int) -> Message:
         # Out of bigint range: no such message, but the query still tells whether the session exists.
