@@ -17,7 +17,7 @@ from chatsessions.main import build_repository, create_app
 from chatsessions.storage.base import SessionRepository
 
 POSTGRES_DSN_VAR = "CHATSESSIONS_TEST_POSTGRES_DSN"
-BACKENDS = ["memory", "file", "postgres"]
+BACKENDS = ["memory", "sqlite", "postgres"]
 
 
 def postgres_dsn() -> str:
@@ -62,8 +62,8 @@ async def repository(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """File-store settings for API tests (the default store)."""
-    return make_settings("file", tmp_path)
+    """SQLite-store settings for API tests (the default store)."""
+    return make_settings("sqlite", tmp_path)
 
 
 @pytest_asyncio.fixture

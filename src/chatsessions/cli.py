@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -45,7 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (postgres store only)")
     serve.add_argument("--reload", action="store_true", help="reload on code changes (development)")
     serve.add_argument("--allow-anonymous", action="store_true", help="serve a non-loopback host with no keys file")
-    commands.add_parser("check", help="validate the configuration and open the store once")
+    commands.add_parser(
+        "check",
+        help="validate the configuration and reach the store; for sqlite, PRAGMA integrity_check "
+        "(reads the whole file; safe beside a live server)",
+    )
+    backup = commands.add_parser(
+        "backup", help="copy a live sqlite store into DEST with SQLite's online backup (a data directory of its own)"
+    )
+    backup.add_argument("dest", type=Path, help="a new or empty directory")
     add_keys_commands(commands)
     return parser
 
@@ -75,13 +84,13 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if settings.store is StoreKind.file:
-        from chatsessions.errors import StorageLocked
-        from chatsessions.storage.file import probe_data_dir_lock
+    if settings.store is StoreKind.sqlite:
+        from chatsessions.errors import StorageUnavailable
+        from chatsessions.storage.sqlite.schema import probe_data_dir_lock
 
         try:
             probe_data_dir_lock(settings.data_dir)
-        except StorageLocked as exc:
+        except StorageUnavailable as exc:
             print(f"chatsessions: {exc}", file=sys.stderr)
             return 3
     uvicorn.run(
@@ -102,23 +111,58 @@ def serve(args: argparse.Namespace) -> int:
 def check(_args: argparse.Namespace) -> int:
     import asyncio
 
+    from chatsessions.errors import StorageUnavailable
     from chatsessions.main import build_repository
 
-    async def probe() -> None:
-        repository = await build_repository(Settings())
+    async def probe(settings: Settings) -> None:
+        repository = await build_repository(settings)
         try:
             await repository.check_ready()
         finally:
             await repository.aclose()
 
-    asyncio.run(probe())
+    try:
+        settings = Settings()
+        if settings.store is StoreKind.sqlite:
+            from chatsessions.storage.sqlite.tools import integrity_check
+
+            problems = integrity_check(settings.data_dir)
+            for problem in problems:
+                print(f"chatsessions: {problem}", file=sys.stderr)
+            if problems:
+                return 1
+        else:
+            asyncio.run(probe(settings))
+    except ValidationError as exc:
+        print(f"chatsessions: invalid configuration: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    except StorageUnavailable as exc:
+        print(f"chatsessions: {exc}", file=sys.stderr)
+        return 2
     print("chatsessions: configuration and store OK")
+    return 0
+
+
+def backup(args: argparse.Namespace) -> int:
+    from chatsessions.errors import StorageUnavailable
+    from chatsessions.storage.sqlite.tools import backup as backup_store
+
+    settings = Settings()
+    if settings.store is not StoreKind.sqlite:
+        print("chatsessions: backup copies the sqlite store; back up PostgreSQL with pg_dump", file=sys.stderr)
+        return 2
+    try:
+        written = backup_store(settings.data_dir, args.dest)
+    except StorageUnavailable as exc:
+        print(f"chatsessions: {exc}", file=sys.stderr)
+        return 2
+    print(f"chatsessions: backed up {settings.data_dir} into {written}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": serve, "check": check, "keys": keys_command}
+    handlers = {"serve": serve, "check": check, "backup": backup, "keys": keys_command}
     return handlers[args.command](args)
 
 

@@ -11,7 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class StoreKind(StrEnum):
     sqlite = "sqlite"
-    file = "file"  # the 0.1 engine, until the sqlite store replaces it
     memory = "memory"
     postgres = "postgres"
 
@@ -27,7 +26,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATSESSIONS_", extra="ignore")
 
     store: StoreKind = Field(
-        StoreKind.file, description="Storage backend: sqlite (embedded), memory (sqlite in RAM) or postgres."
+        StoreKind.sqlite, description="Storage backend: sqlite (embedded), memory (sqlite in RAM) or postgres."
     )
     data_dir: Path = Field(Path("sessions"), description="Directory of the sqlite store (one database file).")
     host: str = Field("127.0.0.1", description="Address `chatsessions serve` binds to.")

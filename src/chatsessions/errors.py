@@ -13,6 +13,7 @@ ChatSessionsError
 └── StorageUnavailable       503  cannot read or write now
     ├── StorageCorrupted     503  a log failed its checksum in the middle
     ├── StorageFailed        503  an fsync failed; writes stop until restart
+    ├── StorageIncompatible  ---  the data is in a format this release cannot open
     └── StorageLocked        ---  another process owns the data directory
 """
 
@@ -80,11 +81,15 @@ class StorageUnavailable(ChatSessionsError):
 
 
 class StorageCorrupted(StorageUnavailable):
-    pass
+    """The database file is corrupt or is no database; the message names the file."""
 
 
 class StorageFailed(StorageUnavailable):
     pass
+
+
+class StorageIncompatible(StorageUnavailable):
+    """A data directory of another format (the 0.1 file store) or a newer schema."""
 
 
 class StorageLocked(StorageUnavailable):

@@ -16,13 +16,15 @@ from chatsessions import __version__
 from chatsessions.api import health
 from chatsessions.api.appends import install_appends
 from chatsessions.api.auth import install_auth
+from chatsessions.api.citations import build_citations_router
 from chatsessions.api.docs import install_docs
 from chatsessions.api.messages import build_messages_router
 from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
+from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.config import Settings, StoreKind
-from chatsessions.storage.base import SessionRepository
+from chatsessions.storage.base import SessionRepository, StoreObserver
 
 log = logging.getLogger("chatsessions")
 
@@ -32,16 +34,12 @@ class State(TypedDict):
     settings: Settings
 
 
-async def build_repository(settings: Settings) -> SessionRepository:
-    """Open the backend that `settings.store` names."""
-    if settings.store is StoreKind.memory:
-        from chatsessions.storage.memory import MemorySessionRepository
+async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
+    """Open the backend that `settings.store` names; `observer` receives its metrics."""
+    if settings.store in (StoreKind.sqlite, StoreKind.memory):
+        from chatsessions.storage.sqlite import SqliteSessionRepository
 
-        return MemorySessionRepository(idempotency_ttl=settings.idempotency_ttl_seconds)
-    if settings.store is StoreKind.file:
-        from chatsessions.storage.file import FileSessionRepository
-
-        return await FileSessionRepository.open(settings)
+        return await SqliteSessionRepository.open(settings, observer=observer)
     from chatsessions.storage.postgres import PostgresSessionRepository
 
     return await PostgresSessionRepository.open(settings)
@@ -98,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=[
             {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
             {"name": "messages", "description": "Append to and page through a session's history."},
+            {"name": "search", "description": "Full-text search of messages, and the citations index."},
             {"name": "health", "description": "Probes for orchestrators."},
         ],
     )
@@ -106,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
+    app.include_router(build_search_router(resolved))
+    app.include_router(build_citations_router(resolved))
     app.include_router(health.router)
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app, documented)  # type: ignore[method-assign]

@@ -167,13 +167,7 @@ class SessionFilter:
     user_id: str | None = None
     document_id: str | None = None
     section_id: str | None = None
-
-    def matches(self, *, user_id: str | None, document_id: str | None, section_id: str | None) -> bool:
-        return (
-            (self.user_id is None or self.user_id == user_id)
-            and (self.document_id is None or self.document_id == document_id)
-            and (self.section_id is None or self.section_id == section_id)
-        )
+    cited_doc_id: str | None = None  # sessions with a message whose references cite this doc_id
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -264,3 +258,73 @@ def patch_session(session: Session, patch: dict[str, JsonValue], *, now: datetim
         first = exc.errors()[0]
         loc = ("body", *first["loc"])
         raise InvalidInput(f"the patched session is invalid: {first['msg']}", loc=loc) from exc
+
+
+# --- search and citations ----------------------------------------------------
+
+
+class SearchHit(BaseModel):
+    """A message that matched a search, with up to 300 characters of its text around a match."""
+
+    session_id: str
+    seq: int
+    role: Role
+    created_at: datetime
+    snippet: str
+
+
+class SearchPage(BaseModel):
+    items: list[SearchHit]
+    next_cursor: str | None = None
+
+
+class Citation(BaseModel):
+    """One reference, of one message, whose `doc_id` is the document asked for."""
+
+    session_id: str
+    seq: int
+    created_at: datetime
+    reference: JsonObject
+
+
+class CitationPage(BaseModel):
+    items: list[Citation]
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    user_id: str | None = None
+    document_id: str | None = None
+    section_id: str | None = None
+    role: Role | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    items: list[SearchHit]
+    next_offset: int | None  # where the next page starts, None on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class CitationFilter:
+    """Filters on the citing session."""
+
+    user_id: str | None = None
+    section_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CitationCursor:
+    """Position after the last citation of a page: newest first, then session id, seq, reference index."""
+
+    created_at: datetime
+    session_id: str
+    seq: int
+    ordinal: int
+
+
+@dataclass(frozen=True, slots=True)
+class CitationListing:
+    items: list[Citation]
+    next_cursor: CitationCursor | None

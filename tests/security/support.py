@@ -24,14 +24,14 @@ from chatsessions.config import Settings
 from chatsessions.main import create_app
 from tests.conftest import drop_postgres_schema, make_settings
 
-STORES = ["memory", "file", "postgres"]
+STORES = ["memory", "sqlite", "postgres"]
 JSON = {"content-type": "application/json"}
 PROBLEM_JSON = "application/problem+json"
 
 
 def store_settings(store: str, tmp_path: Path, **overrides: object) -> Settings:
     """Settings for `store`, skipping a backend that is not there yet (or has no server)."""
-    module = {"file": "chatsessions.storage.file", "postgres": "chatsessions.storage.postgres"}.get(store)
+    module = {"postgres": "chatsessions.storage.postgres"}.get(store)
     if module is not None and importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} does not exist yet")
     return make_settings(store, tmp_path, **overrides)

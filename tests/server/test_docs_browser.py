@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     data_dir = tmp_path_factory.mktemp("docs-data")
-    env = server_env(CHATSESSIONS_STORE="file", CHATSESSIONS_DATA_DIR=data_dir)
+    env = server_env(CHATSESSIONS_STORE="sqlite", CHATSESSIONS_DATA_DIR=data_dir)
     with running_server(env, free_port()) as running:
         yield running
 

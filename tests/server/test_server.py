@@ -33,7 +33,7 @@ def owner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owner]:
     cwd = tmp_path_factory.mktemp("server")
     data_dir = cwd / "data"
     env = server_env(
-        CHATSESSIONS_STORE="file", CHATSESSIONS_DATA_DIR=data_dir, CHATSESSIONS_MAX_BODY_BYTES=str(MAX_BODY_BYTES)
+        CHATSESSIONS_STORE="sqlite", CHATSESSIONS_DATA_DIR=data_dir, CHATSESSIONS_MAX_BODY_BYTES=str(MAX_BODY_BYTES)
     )
     with running_server(env, free_port(), cwd=cwd) as server:
         yield Owner(server, env, data_dir, cwd)
@@ -79,7 +79,7 @@ def test_second_serve_command_on_the_same_data_dir_refuses_with_a_clear_message(
 
 
 def test_serve_with_two_workers_on_the_file_store_refuses(tmp_path: Path) -> None:
-    env = server_env(CHATSESSIONS_STORE="file", CHATSESSIONS_DATA_DIR=tmp_path / "data")
+    env = server_env(CHATSESSIONS_STORE="sqlite", CHATSESSIONS_DATA_DIR=tmp_path / "data")
     completed = subprocess.run(
         [CHATSESSIONS, "serve", "--port", str(free_port()), "--workers", "2"],
         env=env,

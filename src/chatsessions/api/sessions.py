@@ -145,13 +145,18 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         user_id: FilterQuery = None,
         document_id: FilterQuery = None,
         section_id: FilterQuery = None,
+        cited_doc_id: Annotated[
+            str | None, Query(max_length=1024, description="Only sessions with a message that cites this doc_id.")
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_sessions)] = min(20, settings.max_page_sessions),
         cursor: Annotated[str | None, Query(max_length=2048, description="`next_cursor` of the previous page.")] = None,
     ) -> SessionPage:
         """List sessions, newest `updated_at` first."""
         listing = await repository.list_sessions(
             tenant,
-            filters=SessionFilter(user_id=user_id, document_id=document_id, section_id=section_id),
+            filters=SessionFilter(
+                user_id=user_id, document_id=document_id, section_id=section_id, cited_doc_id=cited_doc_id
+            ),
             limit=limit,
             cursor=decode_cursor(cursor) if cursor else None,
         )

@@ -15,11 +15,16 @@ from __future__ import annotations
 from typing import Protocol
 
 from chatsessions.models import (
+    CitationCursor,
+    CitationFilter,
+    CitationListing,
     IdempotencyRequest,
     Message,
     MessageCreate,
     MessageQuery,
     Precondition,
+    SearchFilter,
+    SearchResult,
     Session,
     SessionCreate,
     SessionCursor,
@@ -28,6 +33,7 @@ from chatsessions.models import (
     SessionPatch,
     StoredResponse,
 )
+from chatsessions.text import SearchQuery
 
 
 class StoreObserver(Protocol):
@@ -154,6 +160,23 @@ class SessionRepository(Protocol):
         Raises:
             SessionNotFound, PreconditionFailed.
         """
+        ...
+
+    async def search(
+        self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
+    ) -> SearchResult:
+        """Messages whose text matches every phrase of `query`, best match first.
+
+        Words match as `chatsessions.text` folds them; a message is found once its
+        append committed and never after it is deleted or cleared. `offset`
+        skips that many hits (the cursor of the previous page).
+        """
+        ...
+
+    async def list_citations(
+        self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
+    ) -> CitationListing:
+        """References whose `doc_id` member equals `doc_id`, newest message first, strictly after `cursor`."""
         ...
 
     async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from chatsessions.errors import PreconditionFailed
 from chatsessions.models import (
     Message,
     MessageCreate,
     MessageQuery,
     Order,
+    Precondition,
     Session,
     SessionCreate,
     SessionCursor,
+    SessionFilter,
+    SessionListing,
     SessionSettings,
+    utcnow,
 )
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -100,3 +107,89 @@ def is_after_cursor(cursor: SessionCursor | None, updated_at: datetime, session_
     if cursor is None:
         return True
     return listing_key(updated_at, session_id) > listing_key(cursor.updated_at, cursor.id)
+
+
+# --- shared by the SQL backends ---------------------------------------------
+
+MAX_SEQ = 2**63 - 1  # both databases keep seqs in a signed 64-bit integer
+
+
+def check_precondition(session_id: str, version: int, if_match: Precondition | None) -> None:
+    """Raise PreconditionFailed unless `if_match` (when given) holds for `version`."""
+    if if_match is not None and not if_match.holds(version):
+        raise PreconditionFailed(session_id, version)
+
+
+def change_time(current: Session) -> datetime:
+    """The time of a change to `current`: now, but never before its last change (clocks may step back)."""
+    return max(utcnow(), current.updated_at)
+
+
+def listing_sql(
+    *,
+    columns: str,
+    filters: SessionFilter,
+    limit: int,
+    cursor: SessionCursor | None,
+    placeholder: Callable[[int], str],
+    moment: Callable[[datetime], Any],
+    tenant: str,
+) -> tuple[str, list[Any]]:
+    """SQL and arguments of one listing page over `sessions`: newest `updated_at` first, ties by id.
+
+    Every filter is an equality on an indexed column (`(tenant, <filter>, updated_at DESC, id)`),
+    and the cursor bounds the index scan, so a deep page costs no more than the first.
+    `placeholder(n)` spells the n-th parameter (`$n`, `?n`); `moment` converts a timestamp to
+    the column's type. Ask for `limit + 1` rows to learn whether another page follows.
+    """
+    args: list[Any] = [tenant]
+    where = [f"tenant = {placeholder(1)}"]
+    for column, value in (
+        ("user_id", filters.user_id),
+        ("document_id", filters.document_id),
+        ("section_id", filters.section_id),
+    ):
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = {placeholder(len(args))}")
+    if filters.cited_doc_id is not None:
+        args.append(filters.cited_doc_id)
+        # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
+        where.append(
+            f"id IN (SELECT session_id FROM citations WHERE tenant = {placeholder(1)} "
+            f"AND doc_id = {placeholder(len(args))})"
+        )
+    if cursor is not None:
+        args += [moment(cursor.updated_at), cursor.id]
+        t, i = placeholder(len(args) - 1), placeholder(len(args))
+        # `updated_at <= t` bounds the index scan; the OR only sorts out equal timestamps.
+        where.append(f"updated_at <= {t} AND (updated_at < {t} OR id > {i})")
+    args.append(limit)
+    sql = (
+        f"SELECT {columns} FROM sessions WHERE {' AND '.join(where)} "
+        f"ORDER BY updated_at DESC, id LIMIT {placeholder(len(args))}"
+    )
+    return sql, args
+
+
+def listing_page(found: list[Session], limit: int) -> SessionListing:
+    """The listing of up to `limit` sessions out of `found` (fetched with `limit + 1`)."""
+    page = found[:limit]
+    more = len(found) > limit and bool(page)
+    return SessionListing(page, SessionCursor(page[-1].updated_at, page[-1].id) if more else None)
+
+
+def seq_bounds(query: MessageQuery) -> tuple[int, int]:
+    """`after` and `before` of a page as exclusive bounds inside the seq column's range."""
+    after = 0 if query.after is None else min(max(query.after, 0), MAX_SEQ)
+    before = MAX_SEQ if query.before is None else min(max(query.before, 0), MAX_SEQ)
+    return after, before
+
+
+def cited_doc_ids(references: list[Any] | None) -> list[tuple[int, str, Any]]:
+    """(index, doc_id, reference) of each reference whose `doc_id` member is a string."""
+    return [
+        (i, ref["doc_id"], ref)
+        for i, ref in enumerate(references or [])
+        if isinstance(ref, dict) and isinstance(ref.get("doc_id"), str)
+    ]

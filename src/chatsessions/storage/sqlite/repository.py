@@ -1,0 +1,541 @@
+"""`SqliteSessionRepository`: the embedded store (store=sqlite), and store=memory on SQLite's memdb.
+
+Writes go to the one `Writer` (group commit); reads go to `Readers` (WAL
+snapshots in threads). Nothing here holds a lock across I/O: the writer's
+queue is the only order there is, and it is the order of acknowledgement.
+
+Idempotency-Keys: a claimed key lives in memory only while its request runs
+(a claim dies with the process, as the request does); a stored answer lives
+in the database, written in the same transaction as the change it answers,
+and is found by an index lookup. Expired answers are purged in small batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from typing import Any
+
+import apsw
+from pydantic_core import from_json, to_json
+
+from chatsessions.config import Settings
+from chatsessions.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    MessageNotFound,
+    SessionExists,
+    SessionNotFound,
+    StorageFailed,
+)
+from chatsessions.models import (
+    Citation,
+    CitationCursor,
+    CitationFilter,
+    CitationListing,
+    IdempotencyRequest,
+    Message,
+    MessageCreate,
+    MessageQuery,
+    Order,
+    Precondition,
+    SearchFilter,
+    SearchHit,
+    SearchResult,
+    Session,
+    SessionCreate,
+    SessionCursor,
+    SessionFilter,
+    SessionListing,
+    SessionPatch,
+    StoredResponse,
+    patch_session,
+    utcnow,
+)
+from chatsessions.storage.base import NullObserver, StoreObserver
+from chatsessions.storage.common import (
+    after_append,
+    after_clear,
+    change_time,
+    check_precondition,
+    cited_doc_ids,
+    from_us,
+    listing_page,
+    listing_sql,
+    new_messages,
+    new_session,
+    seq_bounds,
+    to_us,
+)
+from chatsessions.storage.sqlite import rows
+from chatsessions.storage.sqlite.reader import Readers
+from chatsessions.storage.sqlite.schema import DataDirLock, Location, configure_writer, migrate
+from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
+from chatsessions.text import SearchQuery, content_text, index_words, match_expression, snippet
+
+log = logging.getLogger("chatsessions.sqlite")
+
+
+def tenant_token(tenant: str) -> str:
+    """The word that scopes a tenant's messages in the full-text index (letters and digits only)."""
+    return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
+
+
+def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
+    """` AND <alias>.<column> = ?` for each given filter, and the arguments."""
+    given = [(column, value) for column, value in equal.items() if value is not None]
+    return "".join(f" AND {alias}.{column} = ?" for column, _ in given), [value for _, value in given]
+
+
+READER_THREADS = 4
+PURGE_INTERVAL_SECONDS = 60.0
+PURGE_BATCH = 500  # rows a purge transaction deletes at most: it never holds the writer long
+
+
+class SqliteSessionRepository:
+    """Sessions in one SQLite database; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        location: Location,
+        writer: Writer,
+        readers: Readers,
+        lock: DataDirLock | None,
+        settings: Settings,
+    ) -> None:
+        self._location = location
+        self._writer = writer
+        self._readers = readers
+        self._lock = lock
+        self._idempotency_ttl_us = int(settings.idempotency_ttl_seconds * 1e6)
+        self._max_page_bytes = settings.max_page_bytes
+        self._claims: dict[HeadKey, str] = {}  # (tenant, key) -> fingerprint, while the first request runs
+        self._maintenance: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, *, observer: StoreObserver | None = None, vfs: str | None = None
+    ) -> SqliteSessionRepository:
+        """Lock the data directory, open (and upgrade) the database, start the writer.
+
+        `vfs` names an apsw VFS to open the database through (the tests' fault seam).
+
+        Raises:
+            StorageLocked, StorageIncompatible, StorageCorrupted, StorageUnavailable.
+        """
+        location = Location.for_settings(settings, vfs=vfs)
+        lock = None if location.in_memory else DataDirLock.acquire(settings.data_dir)
+        writer = Writer(
+            lambda: location.connect(readonly=False),
+            cache_sessions=settings.cache_sessions,
+            cache_bytes=settings.cache_bytes,
+            observer=observer or NullObserver(),
+        )
+
+        def setup(conn: apsw.Connection) -> None:
+            configure_writer(conn, location)
+            applied = migrate(conn, location)
+            if applied:
+                log.info("%s: applied schema versions %s", location.name, applied)
+
+        try:
+            await writer.start(setup)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        readers = Readers(lambda: location.connect(readonly=True), threads=READER_THREADS)
+        repository = cls(location=location, writer=writer, readers=readers, lock=lock, settings=settings)
+        repository._maintenance = asyncio.create_task(repository._maintain(), name="chatsessions-sqlite-maintenance")
+        return repository
+
+    # --- helpers ------------------------------------------------------------
+
+    @staticmethod
+    def _head(tx: Tx, key: HeadKey, if_match: Precondition | None = None) -> Head:
+        """The session's head (cached, or read with the writer's connection); SessionNotFound."""
+        head = tx.heads.get(key)
+        if head is None:
+            row = next(tx.conn.execute(rows.SELECT_SESSION, key), None)
+            if row is None:
+                raise SessionNotFound(key[1])
+            head = rows.head_from(row)
+            tx.heads.put(key, head)
+        check_precondition(key[1], head.session.version, if_match)
+        return head
+
+    def _store_answer(
+        self, tx: Tx, tenant: str, idempotency: IdempotencyRequest | None, head: Head, messages: list[Message]
+    ) -> None:
+        if idempotency is not None:
+            answer = idempotency.render(head.session, messages)
+            self._insert_answer(tx.conn, tenant, idempotency.key, idempotency.fingerprint, answer, head.pk)
+
+    def _insert_answer(
+        self, conn: apsw.Connection, tenant: str, key: str, fingerprint: str, answer: StoredResponse, pk: int | None
+    ) -> None:
+        expires = to_us(utcnow()) + self._idempotency_ttl_us
+        headers = to_json(answer.headers).decode()
+        conn.execute(rows.STORE_ANSWER, (tenant, key, fingerprint, answer.status, answer.body, headers, pk, expires))
+
+    @staticmethod
+    def _insert_messages(conn: apsw.Connection, tenant: str, session_id: str, pk: int, added: list[Message]) -> None:
+        """Insert messages with their full-text words and citations (in the caller's transaction)."""
+        tenant_scope = tenant_token(tenant)
+        for message in added:
+            (rowid,) = next(conn.execute(rows.INSERT_MESSAGE, rows.message_values(pk, message)))
+            found = index_words(content_text(message.content))
+            if found:
+                conn.execute(rows.INDEX_WORDS, (rowid, f"{tenant_scope} r{message.role.value}", " ".join(found)))
+            created = to_us(message.created_at)
+            for ordinal, doc_id, reference in cited_doc_ids(message.references):
+                citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
+                conn.execute(rows.INSERT_CITATION, citation)
+
+    @staticmethod
+    def _delete_messages(conn: apsw.Connection, pk: int) -> None:
+        """Delete a session's messages, their words and their citations."""
+        conn.execute(rows.UNINDEX_SESSION, (pk,))
+        conn.execute(rows.DELETE_CITATIONS, (pk,))
+        conn.execute(rows.DELETE_MESSAGES, (pk,))
+
+    async def _write(self, change: Any, *, idempotency: IdempotencyRequest | None = None, tenant: str = "") -> Any:
+        """Submit a change; a key claimed for it is released once its answer committed with it.
+
+        On failure the claim stays for the caller's `idempotency_finish` (store a 4xx, release on a 5xx).
+        """
+        result = await self._writer.submit(change)
+        if idempotency is not None:
+            self._claims.pop((tenant, idempotency.key), None)
+        return result
+
+    # --- sessions -------------------------------------------------------------
+
+    async def create_session(
+        self, tenant: str, data: SessionCreate, *, idempotency: IdempotencyRequest | None = None
+    ) -> Session:
+        session = new_session(data, now=utcnow())
+
+        def change(tx: Tx) -> Session:
+            values = rows.session_values(tenant, session)
+            row = next(tx.conn.execute(rows.INSERT_SESSION, values), None)
+            if row is None:
+                raise SessionExists(session.id)
+            head = Head(row[0], session, rows.head_size(*values[5:8]))
+            tx.put_head((tenant, session.id), head)
+            self._store_answer(tx, tenant, idempotency, head, [])
+            return session
+
+        result: Session = await self._write(change, idempotency=idempotency, tenant=tenant)
+        return result
+
+    async def get_or_create_session(self, tenant: str, session_id: str, data: SessionCreate) -> tuple[Session, bool]:
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> tuple[Session, bool]:
+            with contextlib.suppress(SessionNotFound):
+                return self._head(tx, key).session, False
+            session = new_session(data, session_id=session_id, now=utcnow())
+            values = rows.session_values(tenant, session)
+            (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
+            tx.put_head(key, Head(pk, session, rows.head_size(*values[5:8])))
+            return session, True
+
+        result: tuple[Session, bool] = await self._write(change)
+        return result
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        def read(conn: apsw.Connection) -> Session | None:
+            row = next(conn.execute(rows.SELECT_SESSION, (tenant, session_id)), None)
+            return None if row is None else rows.head_from(row).session
+
+        return await self._readers.run(read)
+
+    async def list_sessions(
+        self, tenant: str, *, filters: SessionFilter, limit: int, cursor: SessionCursor | None
+    ) -> SessionListing:
+        sql, args = listing_sql(
+            columns=rows.SESSION_COLUMNS,
+            filters=filters,
+            limit=limit + 1,
+            cursor=cursor,
+            placeholder=lambda n: f"?{n}",
+            moment=to_us,
+            tenant=tenant,
+        )
+
+        def read(conn: apsw.Connection) -> list[Session]:
+            return [rows.head_from(row).session for row in conn.execute(sql, args)]
+
+        return listing_page(await self._readers.run(read), limit)
+
+    async def patch_session(
+        self, tenant: str, session_id: str, patch: SessionPatch, *, if_match: Precondition | None = None
+    ) -> Session:
+        key = (tenant, session_id)
+        changes = patch.model_dump(mode="json", exclude_unset=True)
+
+        def change(tx: Tx) -> Session:
+            head = self._head(tx, key, if_match)
+            session = patch_session(head.session, changes, now=change_time(head.session))
+            values = rows.update_values(head.pk, session)
+            tx.conn.execute(rows.UPDATE_SESSION, values)
+            tx.put_head(key, Head(head.pk, session, rows.head_size(*values[3:6])))
+            return session
+
+        result: Session = await self._write(change)
+        return result
+
+    async def delete_session(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> None:
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> None:
+            head = self._head(tx, key, if_match)
+            self._delete_messages(tx.conn, head.pk)
+            tx.conn.execute(rows.DELETE_SESSION, (head.pk,))
+            tx.drop_head(key)
+
+        await self._write(change)
+
+    # --- messages -------------------------------------------------------------
+
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageCreate],
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, list[Message]]:
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> tuple[Session, list[Message]]:
+            head = self._head(tx, key, if_match)
+            now = change_time(head.session)
+            added = new_messages(messages, first_seq=head.session.last_seq + 1, now=now)
+            self._insert_messages(tx.conn, tenant, session_id, head.pk, added)
+            session = after_append(head.session, len(added), now=now)
+            tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
+            new_head = head.moved(session)
+            tx.put_head(key, new_head)
+            self._store_answer(tx, tenant, idempotency, new_head, added)
+            return session, added
+
+        result: tuple[Session, list[Message]] = await self._write(change, idempotency=idempotency, tenant=tenant)
+        return result
+
+    async def list_messages(self, tenant: str, session_id: str, query: MessageQuery) -> tuple[list[Message], bool]:
+        after, before = seq_bounds(query)
+        ascending = query.order is Order.asc
+        limit, max_bytes = query.limit, self._max_page_bytes
+
+        def read(conn: apsw.Connection) -> tuple[list[Message], bool]:
+            found = next(conn.execute(rows.SELECT_SESSION_PK, (tenant, session_id)), None)
+            if found is None:
+                raise SessionNotFound(session_id)
+            (pk,) = found
+            page: list[Message] = []
+            size = 0
+            sql = rows.PAGE_ASC if ascending else rows.PAGE_DESC
+            # The cursor is lazy: rows past where the page stops are never read.
+            for content_bytes, body in conn.execute(sql, (pk, after, before, limit)):
+                if page and size + content_bytes > max_bytes:
+                    return page, True
+                size += content_bytes
+                page.append(rows.message_from(body))
+            if len(page) < limit:
+                return page, False
+            last = page[-1].seq
+            beyond = (pk, last, before) if ascending else (pk, after, last)
+            return page, next(conn.execute(rows.ANY_AFTER, beyond), None) is not None
+
+        return await self._readers.run(read)
+
+    async def get_message(self, tenant: str, session_id: str, seq: int) -> Message:
+        def read(conn: apsw.Connection) -> Message:
+            found = next(conn.execute(rows.SELECT_SESSION_PK, (tenant, session_id)), None)
+            if found is None:
+                raise SessionNotFound(session_id)
+            if not 0 < seq < 2**63:
+                raise MessageNotFound(session_id, seq)
+            row = next(conn.execute(rows.SELECT_MESSAGE, (found[0], seq)), None)
+            if row is None:
+                raise MessageNotFound(session_id, seq)
+            return rows.message_from(row[0])
+
+        return await self._readers.run(read)
+
+    async def clear_messages(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> Session:
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> Session:
+            head = self._head(tx, key, if_match)
+            self._delete_messages(tx.conn, head.pk)
+            session = after_clear(head.session, now=change_time(head.session))
+            tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
+            tx.put_head(key, head.moved(session))
+            return session
+
+        result: Session = await self._write(change)
+        return result
+
+    # --- search and citations ----------------------------------------------------
+
+    async def search(
+        self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
+    ) -> SearchResult:
+        expression = f'scope : "{tenant_token(tenant)}"'
+        if filters.role is not None:
+            expression += f' AND scope : "r{filters.role.value}"'
+        expression += f" AND words : ({match_expression(query)})"
+        clauses, args = _session_clauses(
+            "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
+        )
+        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN if clauses else "", filters=clauses)
+        parameters = (expression, *args, limit + 1, offset)
+
+        def read(conn: apsw.Connection) -> list[SearchHit]:
+            hits = []
+            for sid, seq, body in conn.execute(sql, parameters):
+                message = rows.message_from(body)
+                text = content_text(message.content)
+                hits.append(
+                    SearchHit(
+                        session_id=sid,
+                        seq=seq,
+                        role=message.role,
+                        created_at=message.created_at,
+                        snippet=snippet(text, query),
+                    )
+                )
+            return hits
+
+        found = await self._readers.run(read)
+        return SearchResult(found[:limit], offset + limit if len(found) > limit else None)
+
+    async def list_citations(
+        self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
+    ) -> CitationListing:
+        clauses, args = _session_clauses("s", user_id=filters.user_id, section_id=filters.section_id)
+        join = " JOIN sessions s ON s.pk = c.session_pk" if clauses else ""
+        if cursor is not None:
+            at = to_us(cursor.created_at)
+            clauses += " AND c.created_at <= ? AND (c.created_at < ? OR (c.session_id, c.seq, c.ordinal) > (?, ?, ?))"
+            args += [at, at, cursor.session_id, cursor.seq, cursor.ordinal]
+        sql = rows.CITATIONS.format(join=join, filters=clauses)
+        parameters = (tenant, doc_id, *args, limit + 1)
+
+        def read(conn: apsw.Connection) -> list[tuple[Citation, int]]:
+            return [
+                (
+                    Citation(session_id=sid, seq=seq, created_at=from_us(created), reference=from_json(reference)),
+                    ordinal,
+                )
+                for sid, seq, created, ordinal, reference in conn.execute(sql, parameters)
+            ]
+
+        found = await self._readers.run(read)
+        page = found[:limit]
+        if len(found) <= limit or not page:
+            return CitationListing([c for c, _ in page], None)
+        last, ordinal = page[-1]
+        return CitationListing(
+            [c for c, _ in page], CitationCursor(last.created_at, last.session_id, last.seq, ordinal)
+        )
+
+    # --- idempotency ------------------------------------------------------------
+
+    async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:
+        claim = (tenant, key)
+        held = self._claims.get(claim)
+        if held is not None:
+            if held != fingerprint:
+                raise IdempotencyKeyReused()
+            raise IdempotencyInProgress()
+        # Claim before the lookup awaits: a second request with this key now sees the claim.
+        self._claims[claim] = fingerprint
+        now = to_us(utcnow())
+
+        def read(conn: apsw.Connection) -> tuple[Any, ...] | None:
+            return next(conn.execute(rows.SELECT_ANSWER, (tenant, key, now)), None)
+
+        try:
+            row = await self._readers.run(read)
+        except BaseException:
+            self._claims.pop(claim, None)
+            raise
+        if row is None:
+            return None  # the caller holds the claim
+        self._claims.pop(claim, None)
+        stored_fingerprint, status, body, headers = row
+        if stored_fingerprint != fingerprint:
+            raise IdempotencyKeyReused()
+        return StoredResponse(status, bytes(body), dict(from_json(headers)))
+
+    async def idempotency_finish(self, tenant: str, key: str, response: StoredResponse | None) -> None:
+        claim = (tenant, key)
+        fingerprint = self._claims.get(claim)
+        if response is None or fingerprint is None:
+            self._claims.pop(claim, None)
+            return
+
+        def change(tx: Tx) -> None:
+            self._insert_answer(tx.conn, tenant, key, fingerprint, response, None)
+
+        try:
+            await self._writer.submit(change)
+        finally:
+            self._claims.pop(claim, None)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Purge expired Idempotency-Keys, a small batch a transaction, every interval."""
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+            try:
+                while await self.purge_expired_answers() == PURGE_BATCH:
+                    pass
+            except Exception:
+                log.warning("purging expired Idempotency-Keys failed; will retry", exc_info=True)
+
+    async def purge_expired_answers(self) -> int:
+        """Delete up to PURGE_BATCH expired Idempotency-Key answers; return how many."""
+        now = to_us(utcnow())
+
+        def change(tx: Tx) -> int:
+            tx.conn.execute(rows.PURGE_ANSWERS, (now, PURGE_BATCH))
+            return tx.conn.changes()
+
+        deleted: int = await self._writer.submit(change)
+        return deleted
+
+    async def check_ready(self) -> None:
+        if self._writer.failed:
+            raise StorageFailed("an earlier sync of the disk failed; writes are refused until the service restarts")
+        await self._writer.submit(lambda tx: None)
+
+    async def integrity_check(self) -> list[str]:
+        """`PRAGMA integrity_check` (reads the whole file): the problems found, none when healthy."""
+
+        def read(conn: apsw.Connection) -> list[str]:
+            found = [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
+            return [] if found == ["ok"] else found
+
+        return await self._readers.run(read)
+
+    async def aclose(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        await self._readers.aclose()
+        await self._writer.stop()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

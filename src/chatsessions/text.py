@@ -1,0 +1,104 @@
+"""Full-text rules shared by every backend: what a word is, how a query reads, what a snippet shows.
+
+Both stores index the *tokens* made here, not the raw text, so that words match
+the same way everywhere: case-insensitively (Unicode case folding) and
+accent-insensitively (NFKD, combining marks dropped), a word being a run of
+letters and digits. A query is words and `"quoted phrases"`; every one must
+match. Nothing a client types reaches a search engine as syntax: the engines
+only ever see tokens made of letters and digits.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from chatsessions.errors import InvalidInput
+
+_WORD = re.compile(r"[^\W_]+")
+# The combining diacritical-mark blocks: what accent-folding drops after NFKD (as SQLite's
+# unicode61 remove_diacritics does; vowel signs of other scripts are letters, and stay).
+_DIACRITICS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+")
+_PHRASE = re.compile(r'"([^"]*)"?')  # a quote left open runs to the end of the query
+SNIPPET_CHARS = 300
+# Words a message contributes to the index at most (PostgreSQL keeps positions up to 16,383).
+MAX_INDEXED_WORDS = 16_000
+
+
+def fold(text: str) -> str:
+    """Case- and accent-folded text: what matching compares."""
+    if text.isascii():
+        return text.lower()
+    return _DIACRITICS.sub("", unicodedata.normalize("NFKD", text.casefold()))
+
+
+def words(text: str) -> list[str]:
+    """The folded words of `text`, in order."""
+    return _WORD.findall(fold(text))
+
+
+def index_words(text: str) -> list[str]:
+    """The words a message is indexed under: its first MAX_INDEXED_WORDS."""
+    # A word is rarely longer than 40 characters: fold only the part that can hold them.
+    return words(text[: MAX_INDEXED_WORDS * 40])[:MAX_INDEXED_WORDS]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """A parsed `q`: each entry is a phrase of one or more words; all must match."""
+
+    phrases: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def parse(cls, q: str) -> SearchQuery:
+        """Raises InvalidInput when `q` holds no word at all (only punctuation or spaces)."""
+        phrases: list[tuple[str, ...]] = []
+        rest: list[str] = []
+        position = 0
+        for match in _PHRASE.finditer(q):
+            rest.append(q[position : match.start()])
+            position = match.end()
+            found = tuple(words(match.group(1)))
+            if found:
+                phrases.append(found)
+        rest.append(q[position:])
+        phrases += [(word,) for word in words(" ".join(rest))]
+        unique = tuple(dict.fromkeys(phrases))
+        if not unique:
+            raise InvalidInput("q has no word to search for (letters or digits)", loc=("query", "q"))
+        return cls(unique)
+
+    @property
+    def terms(self) -> set[str]:
+        return {word for phrase in self.phrases for word in phrase}
+
+
+def snippet(text: str, query: SearchQuery, *, limit: int = SNIPPET_CHARS) -> str:
+    """At most `limit` characters of `text` around its first match of a query word."""
+    if len(text) <= limit:
+        return text
+    terms = query.terms
+    start = 0
+    for match in _WORD.finditer(text):
+        if fold(match.group(0)) in terms or any(w in terms for w in _WORD.findall(fold(match.group(0)))):
+            start = match.start()
+            break
+    begin = max(0, min(start - limit // 3, len(text) - limit))
+    return text[begin : begin + limit]
+
+
+def content_text(content: object) -> str:
+    """The searchable text of a message's content: the string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def match_expression(query: SearchQuery) -> str:
+    """The query as an FTS5 expression over quoted words only (no client syntax can reach FTS5)."""
+    return " AND ".join('"' + " ".join(phrase) + '"' for phrase in query.phrases)
