@@ -9,7 +9,7 @@ always come from the same round, a minute apart at most). The parts marked
 "once" measure bounds, not rates, and run one round whatever BENCH_ROUNDS says.
 
 The store under test is chosen in one place, `Config.store` (BENCH_STORE, by
-default `sqlite` once `chatsessions.storage.sqlite.repository` exists). Data
+default `sqlite`; the PostgreSQL row of the append part always runs too). Data
 sets are written in-process through that store's repository
 (`chatsessions.main.build_repository`, fsync=never, many concurrent calls so
 that group commit batches them), never at HTTP speed, and shared between parts.
@@ -37,7 +37,7 @@ Parts (BENCH_ONLY=append,cpu,create,... runs a subset, in the order given):
            sessions, a clean stop (SIGTERM until the process exits, after a
            listing load) and a restart after kill -9 under an append load;
 - keys:    (once) 50,000 appends, each with its own Idempotency-Key: RSS growth,
-           RSS after a restart (and a replay of the first key after it), and
+           RSS after a restart (and a replay of one of the keys after it), and
            200 keyed appends of 1 MiB;
 - bigread: (once) 3 clients reading a session of 200 x 1 MiB messages at once,
            each following has_more page by page (limit=1000; pages stop at
@@ -49,8 +49,8 @@ Parts (BENCH_ONLY=append,cpu,create,... runs a subset, in the order given):
 Environment: BENCH_SECONDS (seconds per wrk run, default 10), BENCH_WARMUP
 (default 1), BENCH_ROUNDS (default 3), BENCH_CONNECTIONS (64), BENCH_SESSIONS
 (64), BENCH_WRK_THREADS (1: wrk needs little CPU and the server gets the other
-core), BENCH_ONLY, BENCH_STORE (sqlite, file while it exists, or memory for the
-parts that need no restart), BENCH_SCALE_SESSIONS (200000), BENCH_KEYED_APPENDS
+core), BENCH_ONLY, BENCH_STORE (sqlite; memory only for parts that restart
+nothing: append, cpu, create), BENCH_SCALE_SESSIONS (200000), BENCH_KEYED_APPENDS
 (50000), CHATSESSIONS_BENCH_POSTGRES_DSN (default
 postgresql://postgres@127.0.0.1:5432/test).
 """
@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import importlib.util
 import json
 import os
 import platform
@@ -86,7 +85,7 @@ import httpx
 
 from chatsessions.config import FsyncMode, Settings, StoreKind
 from chatsessions.main import build_repository
-from chatsessions.models import DEFAULT_TENANT, MessageCreate, Role, SessionCreate, SessionCursor
+from chatsessions.models import DEFAULT_TENANT, MessageCreate, Role, SessionCreate
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "latest.md"
@@ -102,14 +101,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def default_store() -> str:
-    """The embedded store under test: BENCH_STORE, else sqlite once its repository exists, else file."""
-    if chosen := os.environ.get("BENCH_STORE"):
-        return chosen
-    try:
-        found = importlib.util.find_spec("chatsessions.storage.sqlite.repository") is not None
-    except ModuleNotFoundError:
-        found = False
-    return StoreKind.sqlite.value if found else "file"
+    """The embedded store under test: BENCH_STORE, else sqlite."""
+    return os.environ.get("BENCH_STORE") or StoreKind.sqlite.value
 
 
 @dataclass(frozen=True)
@@ -634,6 +627,7 @@ class Bench:
         self.logs = root / "logs"
         self.logs.mkdir()
         self.load_averages: list[float] = []
+        self._deep: tuple[str, int] | None = None
 
     def serve(self, launch: Launch) -> AbstractContextManager[Server]:
         return serve(launch, log_dir=self.logs)
@@ -958,13 +952,22 @@ class Bench:
         """Sessions older than the deep cursor: 1,000 of 200,000, and never so few that the page is short."""
         return max(200, self.config.scale_sessions // 200)
 
-    def deep_cursor(self, client: Client) -> str:
-        """A cursor ~99.5% down the listing: after "scale-<deep_index>" (the page after it is full)."""
-        from chatsessions.api.sessions import encode_cursor
-
-        deep_id = f"scale-{self.deep_index()}"
-        head = client.get(f"/v1/sessions/{deep_id}").json()
-        return encode_cursor(SessionCursor(datetime.fromisoformat(head["updated_at"]), deep_id))
+    def deep_cursor(self, client: Client) -> tuple[str, int]:
+        """The `next_cursor` after which only ~`deep_index` sessions remain (the page after it is
+        full), found by walking the listing 100 at a time as a client would; and the pages walked.
+        Built once, then shared: the cursor stays valid while the sessions stay as they are."""
+        if self._deep is None:
+            n = self.config.scale_sessions
+            path, seen, pages, token = "/v1/sessions?limit=100", 0, 0, ""
+            while seen < n - self.deep_index():
+                page = client.get(path + (f"&cursor={token}" if token else "")).json()
+                seen += len(page["items"])
+                pages += 1
+                if not page.get("next_cursor"):
+                    raise RuntimeError(f"the listing ended after {seen:,} of {n:,} sessions")
+                token = page["next_cursor"]
+            self._deep = token, pages
+        return self._deep
 
     def part_scale(self) -> None:
         c = self.config
@@ -1020,7 +1023,12 @@ class Bench:
                         raise RuntimeError(f"user-{u} has {len(answer.json()['items'])} sessions, not {per_user}")
                     user_ms.append(answer.ms)
                 first_ms = [client.get("/v1/sessions?limit=100").ms for _ in range(50)]
-                token = self.deep_cursor(client)
+                walk_started = time.perf_counter()
+                token, walked = self.deep_cursor(client)
+                if round_no == 1:
+                    deep.note = (
+                        f"cursor reached by walking {walked:,} pages in {time.perf_counter() - walk_started:.1f} s"
+                    )
                 deep_ms = []
                 for _ in range(50):
                     answer = client.get(f"/v1/sessions?limit=100&cursor={token}")
@@ -1168,13 +1176,17 @@ class Bench:
         with self.serve(self.embedded(data_dir)) as server:
             restart.values.append(server.rss_mib())
             client = Client(server.port)
-            # Request 1 of keyed.lua, byte for byte: its stored answer must come back.
+            # Request n of keyed.lua, byte for byte, in the middle of the run (wrk builds one request
+            # it never sends at start): its stored answer must come back.
+            n = count // 2
             body = json.dumps(
                 {"role": "user", "content": CONTENT, "metadata": {"client": "wrk", "lang": "en"}}, separators=(",", ":")
             ).encode()
-            replay = client.call("POST", "/v1/sessions/k1/messages", body, {"Idempotency-Key": "key-1"})
+            replay = client.call(
+                "POST", f"/v1/sessions/k{n % c.sessions}/messages", body, {"Idempotency-Key": f"key-{n}"}
+            )
             replayed = {k.lower(): v for k, v in replay.headers.items()}.get("idempotent-replayed") == "true"
-            restart.note = "key-1 replayed after it" if replayed else f"**key-1 not replayed** ({replay.status})"
+            restart.note = f"key-{n} replayed after it" if replayed else f"**key-{n} not replayed** ({replay.status})"
             before = server.rss_mib()
             payload = json.dumps({"role": "user", "content": BIG_CONTENT}).encode()
             for i in range(200):
