@@ -34,9 +34,13 @@ class Settings(BaseSettings):
     fsync: FsyncMode = Field(
         FsyncMode.always, description="always: acknowledge after fsync; never: leave it to the OS."
     )
-    cache_sessions: int = Field(10_000, ge=1, description="Embedded store: most sessions kept in memory.")
+    cache_sessions: int = Field(
+        10_000, ge=1, description="Embedded store: most session heads the writer keeps in memory."
+    )
     cache_bytes: int = Field(
-        64 * 2**20, ge=1, description="Embedded store: most bytes of session state kept in memory."
+        64 * 2**20,
+        ge=1,
+        description="Embedded store: most bytes of session heads the writer keeps in memory (estimated).",
     )
     wal_segment_bytes: int = Field(
         64 * 2**20, ge=4096, description="Embedded store: write-ahead log size that triggers a checkpoint."

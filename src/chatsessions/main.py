@@ -10,11 +10,10 @@ from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 
 from chatsessions import __version__
 from chatsessions.api import health
-from chatsessions.api.appends import install_appends
+from chatsessions.api.appends import append_routes
 from chatsessions.api.auth import install_auth
 from chatsessions.api.citations import build_citations_router
 from chatsessions.api.docs import install_docs
@@ -23,6 +22,7 @@ from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
 from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
+from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.config import Settings, StoreKind
 from chatsessions.storage.base import SessionRepository, StoreObserver
 
@@ -45,14 +45,14 @@ async def build_repository(settings: Settings, observer: StoreObserver | None = 
     return await PostgresSessionRepository.open(settings)
 
 
-def _problem_openapi(app: FastAPI, documented: list[APIRoute]) -> dict[str, Any]:
-    """OpenAPI of the routes and the `documented` operations, every error typed as application/problem+json."""
+def _problem_openapi(app: FastAPI) -> dict[str, Any]:
+    """OpenAPI of the routes, every error typed as application/problem+json."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
             version=app.version,
             description=app.description,
-            routes=[*documented, *app.routes],
+            routes=app.routes,
             tags=app.openapi_tags,
         )
         for path in schema.get("paths", {}).values():
@@ -101,14 +101,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ],
     )
     install_problem_handlers(app)
-    documented = install_appends(app, resolved)  # the innermost middleware
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
+    # The hot path first, before even /openapi.json: the router tries routes in order.
+    app.router.routes[0:0] = append_routes()
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
     app.include_router(health.router)
     install_docs(app)
-    app.openapi = lambda: _problem_openapi(app, documented)  # type: ignore[method-assign]
+    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
     install_auth(app, resolved)
+    app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
     return app

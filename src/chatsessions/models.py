@@ -14,7 +14,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    WrapSerializer,
+)
 
 from chatsessions.errors import InvalidInput
 
@@ -45,7 +55,11 @@ class Order(StrEnum):
 
 
 class SessionSettings(BaseModel):
-    """Model settings of a chat session; keys beyond these three are kept."""
+    """Model settings of a chat session; keys beyond these three are kept.
+
+    A key nobody set is absent from answers, never `null`: a `null` given for a key
+    (on create, or in a merge patch) means no value (`Session` leaves it out).
+    """
 
     model_config = ConfigDict(extra="allow")
 
@@ -57,18 +71,23 @@ class SessionSettings(BaseModel):
 # --- inputs ---------------------------------------------------------------
 
 
-class SessionCreate(BaseModel):
-    """Body of `POST /v1/sessions` and `PUT /v1/sessions/{id}`."""
+class SessionPut(BaseModel):
+    """Body of `PUT /v1/sessions/{id}`: the path names the session, so there is no `id`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: SessionId | None = Field(default=None, description="Client-chosen id; a UUID4 is made when absent.")
     user_id: LinkField | None = None
     document_id: LinkField | None = None
     section_id: LinkField | None = None
     title: Annotated[str, StringConstraints(max_length=4096)] | None = None
     settings: SessionSettings = Field(default_factory=SessionSettings)
     metadata: JsonObject = Field(default_factory=dict)
+
+
+class SessionCreate(SessionPut):
+    """Body of `POST /v1/sessions`; storage takes it for every session it creates."""
+
+    id: SessionId | None = Field(default=None, description="Client-chosen id; a UUID4 is made when absent.")
 
 
 class SessionPatch(BaseModel):
@@ -105,14 +124,39 @@ class MessageBatchCreate(BaseModel):
 
 # --- outputs --------------------------------------------------------------
 
+# Every field of an answer is always present: the response schemas say so (`required`),
+# while the Python defaults stay for code that builds these models.
+_ANSWER = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+def _without_nulls(value: SessionSettings, handler: SerializerFunctionWrapHandler) -> Any:
+    return {key: item for key, item in handler(value).items() if item is not None}
+
+
+# How answers show settings: the keys that have a value.
+_SETTINGS_ANSWER = WithJsonSchema(
+    {
+        "type": "object",
+        "title": "SessionSettingsAnswer",
+        "description": "Model settings; a key nobody set is absent, never null. Other keys are kept as given.",
+        "properties": {"model": {"type": "string"}, "mode": {"type": "string"}, "options": {"type": "object"}},
+        "additionalProperties": True,
+    },
+    mode="serialization",
+)
+
 
 class Session(BaseModel):
+    model_config = _ANSWER
+
     id: str
     user_id: str | None = None
     document_id: str | None = None
     section_id: str | None = None
     title: str | None = None
-    settings: SessionSettings = Field(default_factory=SessionSettings)
+    settings: Annotated[SessionSettings, WrapSerializer(_without_nulls), _SETTINGS_ANSWER] = Field(
+        default_factory=SessionSettings
+    )
     metadata: JsonObject = Field(default_factory=dict)
     message_count: int = 0
     last_seq: int = 0
@@ -126,6 +170,8 @@ class Session(BaseModel):
 
 
 class Message(BaseModel):
+    model_config = _ANSWER
+
     seq: int
     role: Role
     content: str
@@ -135,16 +181,22 @@ class Message(BaseModel):
 
 
 class SessionPage(BaseModel):
+    model_config = _ANSWER
+
     items: list[Session]
     next_cursor: str | None = None
 
 
 class MessagePage(BaseModel):
+    model_config = _ANSWER
+
     items: list[Message]
     has_more: bool
 
 
 class MessageBatch(BaseModel):
+    model_config = _ANSWER
+
     items: list[Message]
 
 

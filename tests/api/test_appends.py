@@ -1,9 +1,9 @@
-"""The append lane (`api.appends.AppendLane`): the two appends served without FastAPI's routing.
+"""The append routes (`api.appends`): `LeanRoute`s whose handlers are plain ASGI.
 
 Behaviour of the appends themselves is tested in test_messages.py and test_errors.py, which go
-through the lane like every client. Here: that the lane answers bad input exactly as FastAPI
-would answer it from the documented signatures, and what only the lane does (500s, root paths,
-other methods on its paths).
+through the lean routes like every client. Here: that the lean handlers answer bad input exactly
+as FastAPI answers it when it serves the same endpoints on plain routes, and what the lean
+handlers do themselves (500s, root paths, other methods on their paths, headers).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from chatsessions.api.appends import documented_routes
+from chatsessions.api.appends import append_routes
 from chatsessions.api.problems import install_problem_handlers
+from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from tests.api.support import JSON, RunningApp, assert_problem, create, running_app, snapshot
 
@@ -45,6 +46,18 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
     ("newline id", "/v1/sessions/a%0A/messages", JSON, json.dumps(GOOD).encode()),
     ("bad id and body", "/v1/sessions/a.b/messages", JSON, json.dumps({"role": 1}).encode()),
     ("empty key", "/v1/sessions/s/messages", {**JSON, "idempotency-key": ""}, json.dumps(GOOD).encode()),
+    (
+        "long if-match",
+        "/v1/sessions/s/messages",
+        {**JSON, "if-match": '"' + "1" * 9000 + '"'},
+        json.dumps(GOOD).encode(),
+    ),
+    (
+        "bad if-match and key",
+        "/v1/sessions/a.b/messages/batch",
+        {**JSON, "if-match": "x" * 8193, "idempotency-key": ""},
+        json.dumps({"messages": [{}]}).encode(),
+    ),
     ("long key", "/v1/sessions/s/messages", {**JSON, "idempotency-key": "k" * 256}, json.dumps(GOOD).encode()),
     ("empty batch", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": []}).encode()),
     ("bad batch item", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": [GOOD, {}]}).encode()),
@@ -67,15 +80,24 @@ def _essence(response: httpx.Response) -> tuple[int, str, list[tuple[Any, ...]]]
 
 @pytest_asyncio.fixture
 async def reference() -> AsyncIterator[httpx.AsyncClient]:
-    """FastAPI itself serving the documented signatures, with the service's problem handlers."""
+    """FastAPI itself serving the same endpoints on plain routes, with the service's problem handlers."""
     app = FastAPI()
     install_problem_handlers(app)
-    app.router.routes.extend(documented_routes())
+    for lean in append_routes():
+        app.router.routes.append(
+            JSONRoute(
+                lean.path,
+                lean.endpoint,
+                methods=lean.methods,
+                status_code=lean.status_code,
+                response_model=lean.response_model,
+            )
+        )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
         yield client
 
 
-async def test_lane_refuses_bad_input_as_fastapi_would(settings: Settings, reference: httpx.AsyncClient) -> None:
+async def test_lean_routes_refuse_bad_input_as_fastapi_would(settings: Settings, reference: httpx.AsyncClient) -> None:
     failures: list[str] = []
     async with running_app(settings) as app:
         await create(app.client, "s")
@@ -85,7 +107,7 @@ async def test_lane_refuses_bad_input_as_fastapi_would(settings: Settings, refer
             expected = await reference.post(path, content=body, headers=headers)
             assert expected.status_code in (400, 415, 422), (label, expected.text)
             if _essence(served) != _essence(expected):
-                failures.append(f"{label}: lane {_essence(served)} != FastAPI {_essence(expected)}")
+                failures.append(f"{label}: lean {_essence(served)} != FastAPI {_essence(expected)}")
         assert await snapshot(app.client, "s") == before
     assert not failures, "\n".join(failures)
 
@@ -108,7 +130,7 @@ async def test_a_bug_during_an_append_is_a_logged_500_problem(
     assert any("a bug in the store" in repr(record.exc_info) for record in caplog.records)
 
 
-async def test_the_lane_serves_under_a_root_path(settings: Settings) -> None:
+async def test_the_appends_serve_under_a_root_path(settings: Settings) -> None:
     async with running_app(settings) as app:
         await create(app.client, "s")
         transport = httpx.ASGITransport(app.asgi, root_path="/chat")
@@ -127,9 +149,10 @@ async def test_other_methods_on_the_append_paths_reach_the_routes(app: RunningAp
     refused = await app.client.put("/v1/sessions/s/messages", json=GOOD)
     assert_problem(refused, 405)
     assert refused.headers["allow"] == "DELETE, GET, POST"
-    refused = await app.client.get("/v1/sessions/s/messages/batch")
-    assert_problem(refused, 405)
-    assert refused.headers["allow"] == "POST"
+    for method in ("GET", "PUT"):  # not GET .../{seq} with seq "batch"
+        refused = await app.client.request(method, "/v1/sessions/s/messages/batch", json=GOOD)
+        assert_problem(refused, 405)
+        assert refused.headers["allow"] == "POST"
     assert (await app.client.delete("/v1/sessions/s/messages")).status_code == 204
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from chatsessions.api.deps import request_fingerprint
+from chatsessions.api.idempotency import request_fingerprint
 from chatsessions.config import Settings
 from tests.api.support import (
     JSON,

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 
 from chatsessions.config import Settings
 from chatsessions.main import create_app
@@ -33,6 +33,8 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("get", MSGS): ({"200"}, {"404", "422"}),
     ("get", MSGS + "/{seq}"): ({"200"}, {"404", "422"}),
     ("delete", MSGS): ({"204"}, {"404", "412"}),
+    ("get", "/v1/search"): ({"200"}, {"422"}),
+    ("get", "/v1/citations"): ({"200"}, {"422"}),
     ("get", "/healthz"): ({"200"}, set()),
     ("get", "/readyz"): ({"200"}, {"503"}),
 }
@@ -48,6 +50,8 @@ MODELS: dict[tuple[str, str], str] = {
     ("post", MSGS + "/batch"): "MessageBatch",
     ("get", MSGS): "MessagePage",
     ("get", MSGS + "/{seq}"): "Message",
+    ("get", "/v1/search"): "SearchPage",
+    ("get", "/v1/citations"): "CitationPage",
 }
 
 IF_MATCH = {("patch", ONE), ("delete", ONE), ("post", MSGS), ("post", MSGS + "/batch"), ("delete", MSGS)}
@@ -137,7 +141,7 @@ async def test_patch_documents_both_media_types(spec: dict[str, Any]) -> None:
 async def test_request_bodies_have_models(spec: dict[str, Any]) -> None:
     expected = {
         ("post", S): "SessionCreate",
-        ("put", ONE): "SessionCreate",
+        ("put", ONE): "SessionPut",
         ("post", MSGS): "MessageCreate",
         ("post", MSGS + "/batch"): "MessageBatchCreate",
     }
@@ -181,7 +185,9 @@ async def test_summaries_are_the_handler_docstrings(settings: Settings) -> None:
     app = create_app(settings)
     spec = app.openapi()
     mismatches = []
-    for route in app.routes:
+    routes = [context.original_route for context in iter_route_contexts(app.routes)]
+    assert len(routes) > 10
+    for route in routes:
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
         docstring = inspect.getdoc(route.endpoint) or ""
@@ -190,3 +196,64 @@ async def test_summaries_are_the_handler_docstrings(settings: Settings) -> None:
             if summary != docstring.splitlines()[0]:
                 mismatches.append(f"{method} {route.path_format}: {summary!r} vs docstring {docstring!r}")
     assert mismatches == []
+
+
+# (method, path, status) → the response headers the operation declares.
+RESPONSE_HEADERS: dict[tuple[str, str, str], set[str]] = {
+    ("post", S, "201"): {"Location", "ETag", "Idempotent-Replayed"},
+    ("put", ONE, "200"): {"ETag"},
+    ("put", ONE, "201"): {"Location", "ETag"},
+    ("get", ONE, "200"): {"ETag"},
+    ("patch", ONE, "200"): {"ETag"},
+    ("patch", ONE, "412"): {"ETag"},
+    ("post", MSGS, "201"): {"Location", "ETag", "Idempotent-Replayed"},
+    ("post", MSGS, "412"): {"ETag"},
+    ("post", MSGS, "503"): {"Retry-After"},
+    ("post", MSGS + "/batch", "201"): {"ETag", "Idempotent-Replayed"},
+    ("delete", MSGS, "204"): {"ETag"},
+    ("get", "/readyz", "503"): {"Retry-After"},
+}
+
+
+async def test_response_headers_are_declared(spec: dict[str, Any]) -> None:
+    ops = operations(spec)
+    for (method, path, status), names in RESPONSE_HEADERS.items():
+        declared = set(ops[(method, path)]["responses"][status].get("headers", {}))
+        assert names <= declared, (method, path, status, declared)
+
+
+async def test_operation_ids_are_the_handler_names(spec: dict[str, Any]) -> None:
+    ids = {key: operation["operationId"] for key, operation in operations(spec).items()}
+    assert ids[("post", S)] == "create_session"
+    assert ids[("post", MSGS)] == "append_message"
+    assert ids[("post", MSGS + "/batch")] == "append_messages"
+    assert ids[("get", MSGS)] == "list_messages"
+    assert all(name.isidentifier() and len(name) <= 20 for name in ids.values()), ids
+
+
+async def test_always_present_fields_are_required(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    session = schemas["Session"]
+    assert set(session["properties"]) == set(session["required"])
+    assert {"version", "message_count", "last_seq", "settings", "metadata"} <= set(session["required"])
+    for name in ("Message", "SessionPage", "MessagePage", "MessageBatch"):
+        assert set(schemas[name]["properties"]) == set(schemas[name]["required"]), name
+    answer_settings = session["properties"]["settings"]
+    assert "required" not in answer_settings
+    assert answer_settings["properties"]["model"] == {"type": "string"}  # absent, never null
+
+
+async def test_put_body_has_no_id(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    assert "id" not in schemas["SessionPut"]["properties"]
+    assert "id" in schemas["SessionCreate"]["properties"]
+
+
+async def test_if_match_and_cursor_state_their_syntax(spec: dict[str, Any]) -> None:
+    ops = operations(spec)
+    (if_match,) = [p for p in ops[("patch", ONE)]["parameters"] if p["name"] == "if-match"]
+    variants = [if_match["schema"], *if_match["schema"].get("anyOf", [])]
+    assert any(v.get("type") == "string" and v.get("maxLength") for v in variants), if_match
+    (cursor,) = [p for p in ops[("get", S)]["parameters"] if p["name"] == "cursor"]
+    variants = [cursor["schema"], *cursor["schema"].get("anyOf", [])]
+    assert any(v.get("pattern") and v.get("maxLength") for v in variants), cursor

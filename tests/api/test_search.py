@@ -45,7 +45,7 @@ async def test_search_over_http_pages_with_an_opaque_cursor(client: httpx.AsyncC
         {"q": "a", "cursor": "Wy0xXQ"},  # [-1]
     ],
 )
-async def test_bad_searches_are_422(client: httpx.AsyncClient, params: dict[str, object]) -> None:
+async def test_bad_searches_are_422(client: httpx.AsyncClient, params: dict[str, str | int]) -> None:
     assert_problem(await client.get("/v1/search", params=params), 422)
 
 

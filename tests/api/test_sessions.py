@@ -14,7 +14,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from chatsessions.api.deps import request_fingerprint
+from chatsessions.api.idempotency import request_fingerprint
 from chatsessions.config import Settings
 from tests.api.support import (
     JSON,
@@ -209,11 +209,13 @@ async def test_put_existing_returns_current_state(client: httpx.AsyncClient) -> 
     assert (response.json()["message_count"], response.json()["title"]) == (1, None)
 
 
-async def test_put_body_id_must_match_path(client: httpx.AsyncClient) -> None:
-    assert_problem(await client.put("/v1/sessions/p1", json={"id": "other"}), 422)
+async def test_put_body_has_no_id(client: httpx.AsyncClient) -> None:
+    for body_id in ("other", "p1"):
+        body = assert_problem(await client.put("/v1/sessions/p1", json={"id": body_id}), 422)
+        assert [(i["loc"], i["type"]) for i in body["errors"]] == [(["body", "id"], "extra_forbidden")]
     assert_problem(await client.get("/v1/sessions/p1"), 404)
     assert_problem(await client.get("/v1/sessions/other"), 404)
-    assert (await client.put("/v1/sessions/p1", json={"id": "p1"})).status_code == 201
+    assert (await client.put("/v1/sessions/p1", json={"title": "t"})).status_code == 201
 
 
 async def test_racing_puts_create_exactly_once(client: httpx.AsyncClient) -> None:
@@ -430,7 +432,31 @@ async def test_patch_nulls_remove_and_reset(client: httpx.AsyncClient) -> None:
     body = response.json()
     assert [body[k] for k in ("title", "user_id", "document_id", "section_id")] == [None] * 4
     assert body["metadata"] == {}
-    assert body["settings"] == {"model": None, "mode": None, "options": None}
+    assert body["settings"] == {}
+
+
+async def test_settings_keys_nobody_set_are_absent_and_null_removes_them(client: httpx.AsyncClient) -> None:
+    created = await create(client, "p", settings={"model": "m", "mode": None, "temperature": 0.2, "gone": None})
+    assert created["settings"] == {"model": "m", "temperature": 0.2}
+    assert (await create(client, "q"))["settings"] == {}
+    patch = {"settings": {"model": None, "options": {"top_p": 1}, "temperature": None, "extra": "x"}}
+    response = await client.patch("/v1/sessions/p", content=json.dumps(patch), headers=MERGE_PATCH)
+    assert response.status_code == 200, response.text
+    assert response.json()["settings"] == {"options": {"top_p": 1}, "extra": "x"}
+    assert (await fetch(client, "p"))["settings"] == {"options": {"top_p": 1}, "extra": "x"}
+
+
+async def test_a_stale_if_match_answers_412_with_the_current_etag(client: httpx.AsyncClient) -> None:
+    await create(client, "p")
+    await append(client, "p", "a")
+    for method, path, body in (
+        ("PATCH", "/v1/sessions/p", {"title": "x"}),
+        ("POST", "/v1/sessions/p/messages", {"role": "user", "content": "x"}),
+        ("DELETE", "/v1/sessions/p/messages", None),
+    ):
+        response = await client.request(method, path, json=body, headers={"If-Match": '"1"'})
+        assert_problem(response, 412)
+        assert response.headers["etag"] == '"2"', (method, path)
 
 
 async def test_patch_if_match(client: httpx.AsyncClient) -> None:

@@ -36,7 +36,7 @@ class Server:
         await self.process.wait()
 
     async def stop(self) -> None:
-        """SIGTERM and wait: the clean shutdown path (checkpoint, catalog marked clean)."""
+        """SIGTERM and wait: the clean shutdown path (the writer commits what is queued, SQLite checkpoints)."""
         if self.process.returncode is None:
             self.process.terminate()
             try:
@@ -71,7 +71,7 @@ def server_env(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[s
     env = {key: value for key, value in os.environ.items() if not key.startswith("CHATSESSIONS_")}
     env.update(
         {
-            "CHATSESSIONS_STORE": "file",
+            "CHATSESSIONS_STORE": "sqlite",
             "CHATSESSIONS_DATA_DIR": str(data_dir),
             "CHATSESSIONS_FSYNC": "always",
             **(extra or {}),

@@ -1,96 +1,42 @@
-"""A full disk and I/O errors, injected where the file store calls the OS, and on a real 2 MiB tmpfs.
+"""A full disk and I/O errors under the SQLite store, injected through SQLite's own seam (`FaultyVFS`).
 
-What must hold: a failed write answers 507 (ENOSPC) or 503 (EIO) and leaves no
-partial or unacknowledged record in a session log or the WAL; the next write
-works once the disk is healthy; a failed fsync is never retried and then
-acknowledged: the store refuses every write with 503 until restart; after a
-restart everything acknowledged is there.
+What must hold: a write the disk refuses answers 507 (ENOSPC) or 503 (EIO),
+fails exactly the changes of its commit and leaves nothing of them; reads go
+on meanwhile; the next write works once the disk is healthy. A failed sync
+is never retried and then acknowledged: the store refuses every write with
+503 until restart, and after a restart (or a power cut) everything
+acknowledged is there, as after a failed sync of the database file inside
+a checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from pydantic_core import from_json
 
 import chatsessions.main
 from chatsessions.config import Settings
 from chatsessions.errors import StorageFailed, StorageFull, StorageUnavailable
 from chatsessions.models import MessageCreate, MessageQuery, Role, SessionCreate, SessionPatch
-from chatsessions.storage import records
-from chatsessions.storage.base import SessionRepository
-from chatsessions.storage.file import FileSessionRepository, split_wal_entry
-from chatsessions.storage.records import Kind
-from tests.crash.powerloss import RecordingFileSystem
+from chatsessions.storage.base import SessionRepository, StoreObserver
+from chatsessions.storage.sqlite import SqliteSessionRepository
+from chatsessions.storage.sqlite.testvfs import FaultyVFS
 
 T = "default"
 PROBLEM_JSON = "application/problem+json"
 
 
-@dataclass
-class Fault:
-    call: str  # write, fsync or unlink
-    where: str  # prefix of the path inside the data dir: "s/" (session logs), "wal/"
-    error: int
-    times: int  # calls left to fail; -1: all of them
-
-
-class FaultyFileSystem(RecordingFileSystem):
-    """Fails chosen calls with an errno; a failing write first writes half its data, as a full disk does.
-
-    It records like `RecordingFileSystem`, so a test can also ask what a power cut would leave.
-    """
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.faults: list[Fault] = []
-        self.hits = 0
-
-    def inject(self, call: str, where: str, error: int, *, times: int = -1) -> None:
-        self.faults.append(Fault(call, where, error, times))
-
-    def heal(self) -> None:
-        self.faults.clear()
-
-    def _fault(self, call: str, path: Path) -> None:
-        with self._lock:
-            relative = self._rel(path)
-            for fault in self.faults:
-                if fault.call == call and relative.startswith(fault.where) and fault.times != 0:
-                    fault.times -= 1
-                    self.hits += 1
-                    raise OSError(fault.error, os.strerror(fault.error), str(path))
-
-    def write(self, fd: int, data: bytes) -> None:
-        try:
-            self._fault("write", self.path_of(fd))
-        except OSError:
-            super().write(fd, data[: len(data) // 2])
-            raise
-        super().write(fd, data)
-
-    def fsync(self, fd: int) -> None:
-        self._fault("fsync", self.path_of(fd))
-        super().fsync(fd)
-
-    def unlink(self, path: Path) -> None:
-        self._fault("unlink", path)
-        super().unlink(path)
-
-
 def settings_for(data_dir: Path, **overrides: object) -> Settings:
-    return Settings.model_validate({"store": "file", "data_dir": data_dir, "fsync": "always", **overrides})
+    return Settings.model_validate({"store": "sqlite", "data_dir": data_dir, "fsync": "always", **overrides})
 
 
 def msgs(*texts: str) -> list[MessageCreate]:
@@ -102,108 +48,113 @@ async def history(repo: SessionRepository, session_id: str) -> list[str]:
     return [m.content for m in items]
 
 
-async def snapshot(repo: SessionRepository, ids: list[str]) -> dict[str, tuple[int, list[str]] | None]:
-    """Version and history of each session, or None when it does not exist."""
-    found: dict[str, tuple[int, list[str]] | None] = {}
-    for session_id in ids:
-        session = await repo.get_session(T, session_id)
-        found[session_id] = None if session is None else (session.version, await history(repo, session_id))
-    return found
-
-
-def message_contents(record: records.Record) -> list[str]:
-    return [m["content"] for m in from_json(bytes(record.body))] if record.kind is Kind.MESSAGES else []
-
-
-def audit(data_dir: Path) -> list[str]:
-    """Every message content on disk; each session log and WAL segment must end on a record boundary."""
-    found: list[str] = []
-    for path in sorted((data_dir / "s").rglob("*.log")):
-        data = path.read_bytes()
-        recs, end = records.decode(data)
-        assert end == len(data), f"{path.name} ends in {len(data) - end} bytes of a partial record"
-        for rec in recs:
-            found += message_contents(rec)
-    for path in sorted((data_dir / "wal").glob("*.wal")):
-        data = path.read_bytes()
-        frames, end = records.scan_raw(data)
-        assert end == len(data), f"{path.name} ends in {len(data) - end} bytes of a partial entry"
-        for _, payload in frames:
-            _, record, _ = split_wal_entry(payload)
-            (rec,), _ = records.decode(record)
-            found += message_contents(rec)
-    return found
+@pytest.fixture
+def vfs(tmp_path: Path) -> Iterator[FaultyVFS]:
+    with FaultyVFS(root=tmp_path / "data") as faulty:
+        yield faulty
 
 
 @asynccontextmanager
-async def faulty_store(
-    data_dir: Path, **overrides: object
-) -> AsyncIterator[tuple[FileSessionRepository, FaultyFileSystem]]:
-    fs = FaultyFileSystem(data_dir)
-    repo = await FileSessionRepository.open(settings_for(data_dir, **overrides), fs=fs)
+async def faulty_store(data_dir: Path, vfs: FaultyVFS, **overrides: object) -> AsyncIterator[SqliteSessionRepository]:
+    repo = await SqliteSessionRepository.open(settings_for(data_dir, **overrides), vfs=vfs.vfs_name)
     try:
-        yield repo, fs
+        yield repo
+    finally:
+        await repo.aclose()
+
+
+@asynccontextmanager
+async def plain_store(data_dir: Path) -> AsyncIterator[SqliteSessionRepository]:
+    """The store reopened with SQLite's default VFS, as after a restart; it must pass integrity_check."""
+    repo = await SqliteSessionRepository.open(settings_for(data_dir))
+    try:
+        assert await repo.integrity_check() == []
+        yield repo
     finally:
         await repo.aclose()
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("where", ["s/", "wal/"], ids=["session-log", "wal"])
 @pytest.mark.parametrize(
     ("error", "raised"),
     [(errno.ENOSPC, StorageFull), (errno.EIO, StorageUnavailable)],
     ids=["ENOSPC", "EIO"],
 )
-async def test_failed_write_leaves_nothing_partial(
-    tmp_path: Path, where: str, error: int, raised: type[Exception]
+async def test_a_failed_write_fails_its_commit_and_leaves_nothing(
+    tmp_path: Path, vfs: FaultyVFS, error: int, raised: type[Exception]
 ) -> None:
     data = tmp_path / "data"
     ids = ["s1", "s2", "s3"]
     acked: dict[str, list[str]] = {i: [] for i in ids}
-    async with faulty_store(data) as (repo, fs):
+    async with faulty_store(data, vfs) as repo:
         for session_id in ids:
             await repo.create_session(T, SessionCreate(id=session_id))
             await repo.append_messages(T, session_id, msgs(f"{session_id}-before"))
             acked[session_id].append(f"{session_id}-before")
-        fs.inject("write", where, error)
-        # One group commit across three sessions: all of it fails, none of it stays.
-        results = await asyncio.gather(
-            *(repo.append_messages(T, i, msgs(f"{i}-doomed-a", f"{i}-doomed-b")) for i in ids),
-            return_exceptions=True,
-        )
-        assert fs.hits >= 1
-        assert all(isinstance(result, raised) for result in results), results
-        assert not any(isinstance(result, StorageFailed) for result in results)
-        on_disk = audit(data)
-        assert not [text for text in on_disk if "doomed" in text]
-        assert sorted(set(on_disk)) == sorted(text for texts in acked.values() for text in texts)
+        with vfs.failing("write", error, suffix="-wal") as fault:
+            # Queued together: one group commit across three sessions, and all of it fails.
+            results = await asyncio.gather(
+                *(repo.append_messages(T, i, msgs(f"{i}-doomed-a", f"{i}-doomed-b")) for i in ids),
+                repo.create_session(T, SessionCreate(id="doomed")),
+                repo.patch_session(T, "s1", SessionPatch(title="doomed")),
+                return_exceptions=True,
+            )
+            assert fault.hits >= 1
+            assert all(isinstance(result, raised) for result in results), results
+            assert not any(isinstance(result, StorageFailed) for result in results)
+            # The disk is still full: reads keep working, and see nothing of the failed commit.
+            for session_id in ids:
+                assert await history(repo, session_id) == acked[session_id]
+            session = await repo.get_session(T, "s1")
+            assert session is not None
+            assert session.title is None
+            assert session.version == 2
+            assert await repo.get_session(T, "doomed") is None
+            with pytest.raises(raised):  # and writes keep failing, without a lasting refusal
+                await repo.append_messages(T, "s2", msgs("s2-doomed-c"))
         # The disk has room again: the next write works and seqs continue without a gap.
-        fs.heal()
         _, added = await repo.append_messages(T, "s1", msgs("s1-after"))
         acked["s1"].append("s1-after")
         assert added[0].seq == 2
         await repo.check_ready()
-    restarted = await FileSessionRepository.open(settings_for(data))
-    try:
+    async with plain_store(data) as restarted:
         for session_id in ids:
             assert await history(restarted, session_id) == acked[session_id]
-    finally:
-        await restarted.aclose()
+        assert await restarted.get_session(T, "doomed") is None
+
+
+@pytest.mark.asyncio
+async def test_a_write_that_names_a_marker_fails_alone(tmp_path: Path, vfs: FaultyVFS) -> None:
+    """A fault on the WAL frames holding one message: that commit fails, the ones around it do not."""
+    data = tmp_path / "data"
+    async with faulty_store(data, vfs) as repo:
+        await repo.create_session(T, SessionCreate(id="s1"))
+        fault = vfs.inject("write", errno.ENOSPC, marker=b"POISON", times=-1)
+        await repo.append_messages(T, "s1", msgs("fine-1"))
+        with pytest.raises(StorageFull):
+            await repo.append_messages(T, "s1", msgs("POISON"))
+        await repo.append_messages(T, "s1", msgs("fine-2"))
+        assert fault.hits == 1
+        assert await history(repo, "s1") == ["fine-1", "fine-2"]
+    async with plain_store(data) as restarted:
+        assert await history(restarted, "s1") == ["fine-1", "fine-2"]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("error", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
-async def test_failed_fsync_stops_every_write_until_restart(tmp_path: Path, error: int) -> None:
+async def test_a_failed_sync_stops_every_write_until_restart(tmp_path: Path, vfs: FaultyVFS, error: int) -> None:
     data = tmp_path / "data"
-    async with faulty_store(data) as (repo, fs):
+    async with faulty_store(data, vfs) as repo:
         await repo.create_session(T, SessionCreate(id="s1"))
         await repo.create_session(T, SessionCreate(id="s2"))
         await repo.append_messages(T, "s1", msgs("kept-1", "kept-2"))
-        fs.inject("fsync", "wal/", error, times=1)
+        fault = vfs.inject("sync", error, suffix="-wal", times=1)
         with pytest.raises(StorageFailed):
             await repo.append_messages(T, "s1", msgs("unacknowledged"))
-        # The disk answers again, but the pages the failed fsync covered may be gone:
-        # the store must not retry and then acknowledge. Every kind of write is refused.
+        assert fault.hits == 1
+        # The disk answers again, but what the failed sync covered may be gone: the store
+        # must not retry and then acknowledge. Every kind of write is refused.
+        calls_before = vfs.calls
         refused = [
             repo.append_messages(T, "s1", msgs("retry")),
             repo.append_messages(T, "s2", msgs("other", "session")),
@@ -217,92 +168,51 @@ async def test_failed_fsync_stops_every_write_until_restart(tmp_path: Path, erro
                 await attempt
         with pytest.raises(StorageFailed):
             await repo.check_ready()
+        assert vfs.calls == calls_before  # refused before any of them reached the disk
         assert await history(repo, "s1") == ["kept-1", "kept-2"]  # reads still work
         # What a power cut now would leave holds everything acknowledged.
-        fs.materialize(tmp_path / "power")
+        vfs.materialise(tmp_path / "power")
     for image in (tmp_path / "power", data):
-        restarted = await FileSessionRepository.open(settings_for(image))
-        try:
-            assert (await history(restarted, "s1"))[:2] == ["kept-1", "kept-2"]
+        async with plain_store(image) as restarted:
+            # The unacknowledged append may have reached the disk; if so, whole.
+            assert (await history(restarted, "s1")) in (["kept-1", "kept-2"], ["kept-1", "kept-2", "unacknowledged"])
             assert await history(restarted, "s2") == []
             assert await restarted.get_session(T, "s3") is None
             await restarted.append_messages(T, "s2", msgs("after restart"))  # writable again
-        finally:
-            await restarted.aclose()
 
 
 @pytest.mark.asyncio
-async def test_failed_unlink_after_the_commit_does_not_fail_it(tmp_path: Path) -> None:
-    """Removing a deleted session's log comes after the WAL fsync: the delete is durable by then."""
+async def test_a_failed_sync_of_the_database_in_a_checkpoint_loses_nothing(tmp_path: Path, vfs: FaultyVFS) -> None:
+    """A checkpoint copies WAL frames into the database file and syncs it; that sync fails.
+
+    The commit that ran the checkpoint was synced in the WAL first. (SQLite ignores a failed
+    automatic checkpoint; apsw still raises the test VFS's exception from the COMMIT, so the
+    store sees a failed sync and stops writing: more careful than a real disk needs, never less.)
+    """
     data = tmp_path / "data"
-    ids = ["gone", "stays"]
-    async with faulty_store(data) as (repo, fs):
-        for session_id in ids:
-            await repo.create_session(T, SessionCreate(id=session_id))
-            await repo.append_messages(T, session_id, msgs(f"{session_id}-1"))
-        fs.inject("unlink", "s/", errno.EIO)
-        # Same group commit as the delete: an append to another session.
-        await asyncio.gather(
-            repo.delete_session(T, "gone"),
-            repo.append_messages(T, "stays", msgs("stays-2")),
-        )
-        assert fs.hits == 1
-        assert await repo.get_session(T, "gone") is None
-        await repo.append_messages(T, "stays", msgs("stays-3"))
-        before = await snapshot(repo, ids)
-    restarted = await FileSessionRepository.open(settings_for(data))
-    try:
-        assert await snapshot(restarted, ids) == before
-        assert before["stays"] == (4, ["stays-1", "stays-2", "stays-3"])
-    finally:
-        await restarted.aclose()
-
-
-async def wait_for_checkpoint(repo: FileSessionRepository) -> None:
-    for _ in range(500):
-        if repo._checkpoint_task is None:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the checkpoint did not finish")
-
-
-@pytest.mark.asyncio
-async def test_failed_fsync_at_a_checkpoint_keeps_the_write_ahead_log(tmp_path: Path) -> None:
-    """A checkpoint whose fsync of a session log fails must not let a later one drop the WAL that covers it."""
-    data = tmp_path / "data"
-    acked: dict[str, list[str]] = {"s1": [], "s2": []}
-    async with faulty_store(data, wal_segment_bytes=4096) as (repo, fs):
+    acked: list[str] = []
+    failed: list[str] = []
+    async with faulty_store(data, vfs, wal_segment_bytes=4 * 4096) as repo:
         await repo.create_session(T, SessionCreate(id="s1"))
-        await repo.create_session(T, SessionCreate(id="s2"))
-        await repo.append_messages(T, "s1", msgs("s1-only-in-the-page-cache"))
-        acked["s1"].append("s1-only-in-the-page-cache")
-        fs.inject("fsync", "s/", errno.EIO, times=1)
-        for i in range(60):  # ~6 KiB of WAL: a rotation and a checkpoint, whose fsync of s1 fails
+        for i in range(3):
+            await repo.append_messages(T, "s1", msgs(f"early-{i}"))
+            acked.append(f"early-{i}")
+        fault = vfs.inject("sync", errno.EIO, suffix=".db", times=1)
+        for i in range(20):  # ~60 KiB: checkpoints every 16 KiB of WAL, the first fails its sync
+            text = f"m{i:02d}-" + "y" * 3000
             try:
-                await repo.append_messages(T, "s2", msgs(f"s2-{i:02d}-" + "y" * 100))
+                await repo.append_messages(T, "s1", msgs(text))
             except StorageFailed:
+                failed.append(text)
                 break
-            acked["s2"].append(f"s2-{i:02d}-" + "y" * 100)
-            await wait_for_checkpoint(repo)
-        assert fs.hits == 1
-        fs.heal()
-        # Whatever the store does next, a power cut must not lose an acknowledged append.
-        for i in range(60):
-            try:
-                await repo.append_messages(T, "s2", msgs(f"s2-late-{i:02d}-" + "z" * 100))
-            except StorageFailed:
-                break
-            acked["s2"].append(f"s2-late-{i:02d}-" + "z" * 100)
-            await wait_for_checkpoint(repo)
-        fs.materialize(tmp_path / "power")
-        power_image = await FileSessionRepository.open(settings_for(tmp_path / "power"))
-        try:
-            for session_id, texts in acked.items():
-                assert await history(power_image, session_id) == texts
-        finally:
-            await power_image.aclose()
-        with pytest.raises(StorageFailed):  # like a failed WAL fsync: no write until restart
+            acked.append(text)
+        assert fault.hits == 1
+        with pytest.raises(StorageFailed):
             await repo.append_messages(T, "s1", msgs("refused"))
+        vfs.cut_power()
+        vfs.materialise(tmp_path / "power")
+    async with plain_store(tmp_path / "power") as restarted:
+        assert await history(restarted, "s1") in (acked, acked + failed)
 
 
 # --- through the HTTP API ---------------------------------------------------
@@ -330,40 +240,52 @@ def append_body(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
 
+async def contents(client: httpx.AsyncClient, session_id: str) -> list[str]:
+    page = await client.get(f"/v1/sessions/{session_id}/messages", params={"limit": 1000})
+    assert page.status_code == 200, page.text
+    return [m["content"] for m in page.json()["items"]]
+
+
 @pytest.mark.asyncio
-async def test_http_answers_507_then_503_and_stops_after_a_failed_fsync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_http_answers_507_then_503_and_stops_after_a_failed_sync(
+    tmp_path: Path, vfs: FaultyVFS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
-    fs = FaultyFileSystem(data)
 
-    async def build_repository(settings: Settings) -> SessionRepository:
-        return await FileSessionRepository.open(settings, fs=fs)
+    async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
+        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name)
 
-    # create_app has no parameter for a file system: its lifespan calls this module-level factory.
+    # create_app takes no VFS: its lifespan calls this module-level factory, which the test swaps.
     monkeypatch.setattr(chatsessions.main, "build_repository", build_repository)
     async with app_client(settings_for(data)) as client:
         assert (await client.post("/v1/sessions", json={"id": "s1"})).status_code == 201
         assert (await client.post("/v1/sessions/s1/messages", json=append_body("first"))).status_code == 201
-        fs.inject("write", "wal/", errno.ENOSPC, times=1)
-        assert_problem(await client.post("/v1/sessions/s1/messages", json=append_body("full")), 507, "storage-full")
+        with vfs.failing("write", errno.ENOSPC):
+            full = await client.post("/v1/sessions/s1/messages", json=append_body("full"))
+            assert_problem(full, 507, "storage-full")
+            assert_problem(await client.post("/v1/sessions", json={"id": "s2"}), 507, "storage-full")
+            # The disk is full, the service still serves reads.
+            assert await contents(client, "s1") == ["first"]
+            assert (await client.get("/v1/sessions/s1")).json()["message_count"] == 1
+            assert (await client.get("/v1/sessions")).status_code == 200
+            assert (await client.get("/healthz")).status_code == 200
         ok = await client.post("/v1/sessions/s1/messages", json=append_body("second"))
-        assert ok.status_code == 201
+        assert ok.status_code == 201, ok.text
         assert ok.json()["seq"] == 2
-        fs.inject("fsync", "wal/", errno.EIO, times=1)
-        failed = await client.post("/v1/sessions/s1/messages", json=append_body("lost fsync"))
+        vfs.inject("sync", errno.EIO, times=1)
+        failed = await client.post("/v1/sessions/s1/messages", json=append_body("lost sync"))
         assert_problem(failed, 503, "storage-unavailable")
         for _ in range(2):  # the disk is fine again; the store still refuses
             again = await client.post("/v1/sessions/s1/messages", json=append_body("retry"))
             assert_problem(again, 503, "storage-unavailable")
         assert_problem(await client.get("/readyz"), 503, "storage-unavailable")
-        page = await client.get("/v1/sessions/s1/messages")
-        assert [m["content"] for m in page.json()["items"]] == ["first", "second"]
+        assert await contents(client, "s1") == ["first", "second"]
     monkeypatch.undo()
     async with app_client(settings_for(data)) as client:
-        page = await client.get("/v1/sessions/s1/messages")
-        assert [m["content"] for m in page.json()["items"]][:2] == ["first", "second"]
-        assert (await client.post("/v1/sessions/s1/messages", json=append_body("third"))).status_code == 201
+        assert (await contents(client, "s1"))[:2] == ["first", "second"]
+        third = await client.post("/v1/sessions/s1/messages", json=append_body("third"))
+        assert third.status_code == 201, third.text
+        assert (await client.get("/readyz")).status_code == 200
 
 
 # --- a real full disk ---------------------------------------------------------
@@ -393,7 +315,8 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.asyncio
-async def test_real_full_disk_answers_507_and_recovers(small_tmpfs: Path) -> None:
+async def test_a_real_full_disk_answers_507_and_recovers(small_tmpfs: Path) -> None:
+    """No injection: SQLite's unix VFS meets ENOSPC on a 2 MiB tmpfs."""
     data = small_tmpfs / "data"
     ballast = small_tmpfs / "ballast"
     ballast.write_bytes(b"\0" * (256 * 1024))
@@ -412,15 +335,48 @@ async def test_real_full_disk_answers_507_and_recovers(small_tmpfs: Path) -> Non
         assert full is not None, "2 MiB never filled up"
         assert_problem(full, 507, "storage-full")
         assert len(acked) > 5
-        on_disk = audit(data)
-        assert set(on_disk) == set(acked)
+        assert await contents(client, "big") == acked  # reads go on, and see nothing of the failed append
         # Space comes back: the very next append works.
         ballast.unlink()
         response = await client.post("/v1/sessions/big/messages", json=append_body("after"))
         assert response.status_code == 201, response.text
         assert response.json()["seq"] == len(acked) + 1
         acked.append("after")
+    async with plain_store(data) as restarted:
+        assert await history(restarted, "big") == acked
+
+
+@pytest.mark.asyncio
+async def test_a_keyed_append_that_failed_can_be_retried_and_lands_once(
+    tmp_path: Path, vfs: FaultyVFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Idempotency-Key whose append failed (507, or 503 on a failed sync) is free again, never stuck or doubled."""
+    data = tmp_path / "data"
+
+    async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
+        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name)
+
+    monkeypatch.setattr(chatsessions.main, "build_repository", build_repository)
+    full_key = {"Idempotency-Key": "full-disk-key"}
+    sync_key = {"Idempotency-Key": "failed-sync-key"}
     async with app_client(settings_for(data)) as client:
-        page = await client.get("/v1/sessions/big/messages", params={"limit": 1000})
-        assert page.status_code == 200
-        assert [m["content"] for m in page.json()["items"]] == acked
+        assert (await client.post("/v1/sessions", json={"id": "s1"})).status_code == 201
+        with vfs.failing("write", errno.ENOSPC):
+            refused = await client.post("/v1/sessions/s1/messages", json=append_body("keyed"), headers=full_key)
+            assert_problem(refused, 507, "storage-full")
+        first = await client.post("/v1/sessions/s1/messages", json=append_body("keyed"), headers=full_key)
+        assert first.status_code == 201, first.text
+        replay = await client.post("/v1/sessions/s1/messages", json=append_body("keyed"), headers=full_key)
+        assert replay.status_code == 201
+        assert replay.json() == first.json()
+        vfs.inject("sync", errno.EIO, times=1)
+        failed = await client.post("/v1/sessions/s1/messages", json=append_body("synced?"), headers=sync_key)
+        assert_problem(failed, 503, "storage-unavailable")
+    monkeypatch.undo()
+    async with app_client(settings_for(data)) as client:
+        # The failed sync's commit may or may not have reached the disk; a retry finds its answer or writes it now.
+        retry = await client.post("/v1/sessions/s1/messages", json=append_body("synced?"), headers=sync_key)
+        assert retry.status_code == 201, retry.text
+        again = await client.post("/v1/sessions/s1/messages", json=append_body("synced?"), headers=sync_key)
+        assert again.json() == retry.json()
+        assert await contents(client, "s1") == ["keyed", "synced?"]

@@ -27,7 +27,14 @@ import pytest_asyncio
 from asgi_lifespan import LifespanManager
 
 from chatsessions.config import Settings
-from chatsessions.errors import IdempotencyInProgress, InvalidInput, PreconditionFailed, StorageUnavailable
+from chatsessions.errors import (
+    IdempotencyInProgress,
+    InvalidInput,
+    PreconditionFailed,
+    SessionExists,
+    SessionNotFound,
+    StorageUnavailable,
+)
 from chatsessions.main import create_app
 from chatsessions.models import (
     IdempotencyRequest,
@@ -44,7 +51,14 @@ from chatsessions.models import (
     SessionPatch,
     StoredResponse,
 )
-from chatsessions.storage.postgres import MIGRATIONS, PostgresSessionRepository, listing_query, migrate, page_query
+from chatsessions.storage.postgres import (
+    MIGRATIONS,
+    PostgresSessionRepository,
+    listing_query,
+    migrate,
+    page_query,
+    queries,
+)
 from tests.conftest import drop_postgres_schema, make_settings
 
 pytestmark = pytest.mark.asyncio
@@ -186,6 +200,34 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
         assert "Seq Scan" not in [kind for kind, _ in nodes], nodes
         assert ("Index Scan", "messages_pkey") in nodes, nodes
 
+    # The changes go through the primary keys too (EXPLAIN without ANALYZE runs nothing).
+    arrays = (["user"], ["c"], [None], [None], [None])
+    twice = tuple(column * 2 for column in arrays)
+    now = await admin.fetchval("SELECT now()")
+    changes: list[tuple[str, tuple[object, ...]]] = [
+        (queries.APPEND, ("t0", "s3", 1, now, None, *arrays)),
+        (queries.APPEND_BATCH, (["t0", "t1"], ["s3", "s4"], [1, 1], [None, 2], now, [1, 2], [1, 1], *twice)),
+        (queries.DELETE_SESSION, ("t0", "s3", [1])),
+        (
+            queries.CREATE_BATCH,
+            (
+                ["t0", "t1"],
+                ["s3", "new"],
+                *([[None, None]] * 4),
+                ["{}"] * 2,
+                ["{}"] * 2,
+                [0, 0],
+                [0, 0],
+                [1, 1],
+                [now, now],
+                [now, now],
+            ),
+        ),
+    ]
+    for sql, values in changes:
+        nodes = await explain(admin, sql, *values)
+        assert "Seq Scan" not in [kind for kind, _ in nodes], (sql, nodes)
+
 
 # --- atomicity and replicas in one process -------------------------------------------------
 
@@ -236,6 +278,186 @@ async def test_a_crashed_replicas_claim_expires(
     assert await pg_repository.idempotency_begin(A, "k", "fp") is None
     with pytest.raises(IdempotencyInProgress):
         await pg_repository.idempotency_begin(A, "k", "fp")
+
+
+class Commits:
+    """A StoreObserver that records the size of every write transaction."""
+
+    def __init__(self) -> None:
+        self.changes: list[int] = []
+
+    def commit(self, *, changes: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.changes.append(changes)
+
+    def queue_depth(self, depth: int) -> None:
+        assert depth >= 0
+
+    def cache(self, *, hit: bool) -> None:
+        pass
+
+
+async def test_appends_arriving_together_share_a_commit_yet_each_gets_its_own_outcome(pg_settings: Settings) -> None:
+    commits = Commits()
+    repository = await PostgresSessionRepository.open(pg_settings, observer=commits)
+    try:
+        sessions = [await repository.create_session(A, SessionCreate(id=f"s{i}")) for i in range(8)]
+        assert commits.changes == [1] * 8
+        stale = Precondition(versions=frozenset({sessions[1].version + 5}))
+        current = Precondition(versions=frozenset({sessions[2].version}))
+        poisoned = MessageCreate(role=Role.user, content="ok", metadata={"k": "\x00"})
+        outcomes = await asyncio.gather(
+            repository.append_messages(A, "s0", [msg("a"), msg("b")]),
+            repository.append_messages(A, "s1", [msg("stale")], if_match=stale),
+            repository.append_messages(A, "s2", [msg("current")], if_match=current),
+            repository.append_messages(A, "missing", [msg("nowhere")]),
+            repository.append_messages(A, "s3", [poisoned]),
+            repository.append_messages("tenant-b", "s4", [msg("other tenant")]),
+            repository.append_messages(A, "s0", [msg("c")]),  # the same session again: after the first
+            *(repository.append_messages(A, f"s{i}", [msg(f"m{i}")]) for i in range(4, 8)),
+            return_exceptions=True,
+        )
+        assert max(commits.changes) > 1  # they shared a statement
+
+        first, second = outcomes[0], outcomes[6]
+        assert not isinstance(first, BaseException)
+        assert not isinstance(second, BaseException)
+        assert [m.seq for m in first[1]] == [1, 2]
+        assert first[0].version == 2
+        assert [m.seq for m in second[1]] == [3]
+        assert second[0].version == 3
+        assert isinstance(outcomes[1], PreconditionFailed)
+        assert outcomes[1].version == sessions[1].version
+        assert not isinstance(outcomes[2], BaseException)
+        assert outcomes[2][0].version == sessions[2].version + 1
+        assert isinstance(outcomes[3], SessionNotFound)
+        assert isinstance(outcomes[4], InvalidInput)
+        assert isinstance(outcomes[5], SessionNotFound)
+        for i in range(4, 8):
+            assert await all_contents(repository, f"s{i}") == [(1, f"m{i}")]
+        assert await all_contents(repository, "s0") == [(1, "a"), (2, "b"), (3, "c")]
+        assert await all_contents(repository, "s1") == []
+        assert await all_contents(repository, "s3") == []
+        assert await repository.get_session(A, "s3") == sessions[3]
+    finally:
+        await repository.aclose()
+
+
+async def test_creates_arriving_together_share_a_commit_yet_each_gets_its_own_outcome(pg_settings: Settings) -> None:
+    commits = Commits()
+    repository = await PostgresSessionRepository.open(pg_settings, observer=commits)
+    try:
+        existing = await repository.create_session(A, SessionCreate(id="old", title="kept"))
+        outcomes = await asyncio.gather(
+            repository.create_session(A, SessionCreate(id="twice", title="first")),
+            repository.create_session(A, SessionCreate(id="twice", title="second")),
+            repository.create_session(A, SessionCreate(id="old")),
+            repository.create_session(A, SessionCreate(id="bad", title="a\x00b")),
+            repository.get_or_create_session(A, "old", SessionCreate(title="ignored")),
+            repository.get_or_create_session(A, "new", SessionCreate(title="made")),
+            repository.create_session("tenant-b", SessionCreate(id="old", title="b's")),
+            *(repository.create_session(A, SessionCreate(id=f"s{i}")) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert max(commits.changes) > 1  # they shared a statement
+
+        first = outcomes[0]
+        assert isinstance(first, Session)
+        assert first.title == "first"
+        assert isinstance(outcomes[1], SessionExists)
+        assert isinstance(outcomes[2], SessionExists)
+        assert isinstance(outcomes[3], InvalidInput)
+        assert outcomes[4] == (existing, False)
+        made = outcomes[5]
+        assert isinstance(made, tuple)
+        assert made[1] is True
+        assert made[0].title == "made"
+        assert await repository.get_session(A, "twice") == first
+        assert await repository.get_session(A, "new") == made[0]
+        assert await repository.get_session(A, "old") == existing
+        assert await repository.get_session(A, "bad") is None
+        other = await repository.get_session("tenant-b", "old")
+        assert other is not None
+        assert other.title == "b's"
+        for i in range(5):
+            assert await repository.get_session(A, f"s{i}") == outcomes[7 + i]
+    finally:
+        await repository.aclose()
+
+
+async def test_updated_at_never_moves_back_and_messages_carry_it(
+    pg_settings: Settings, pg_repository: PostgresSessionRepository, admin: Admin
+) -> None:
+    await pg_repository.create_session(A, SessionCreate(id="s"))
+    await pg_repository.create_session(A, SessionCreate(id="t"))
+    # Another replica, its clock an hour ahead, changed these sessions last.
+    ahead = await admin.fetchval(
+        f"UPDATE \"{pg_settings.postgres_schema}\".sessions SET updated_at = now() + interval '1 hour'"
+        " WHERE id = 's' RETURNING updated_at"
+    )
+    await admin.execute(f"UPDATE \"{pg_settings.postgres_schema}\".sessions SET updated_at = $1 WHERE id = 't'", ahead)
+    keyed = IdempotencyRequest(key="k", fingerprint="fp", render=render)
+    assert await pg_repository.idempotency_begin(A, "k", "fp") is None
+    results = await asyncio.gather(
+        pg_repository.append_messages(A, "s", [msg("batched"), msg("too")]),
+        pg_repository.append_messages(A, "t", [msg("with a key")], idempotency=keyed),
+    )
+    for session, added in results:
+        assert session.updated_at == ahead
+        assert {m.created_at for m in added} == {ahead}
+        stored, _ = await pg_repository.list_messages(A, session.id, MessageQuery())
+        assert stored == added
+    head = await pg_repository.get_session(A, "s")
+    assert head is not None
+    assert head.updated_at == ahead
+
+
+async def test_a_session_locked_elsewhere_holds_up_no_other_append(
+    pg_settings: Settings, pg_repository: PostgresSessionRepository, admin: Admin
+) -> None:
+    ids = [f"s{i:02}" for i in range(8)]
+    for session_id in ids:
+        await pg_repository.create_session(A, SessionCreate(id=session_id))
+    schema = pg_settings.postgres_schema
+    hold = admin.transaction()
+    await hold.start()
+    await admin.execute(f'SELECT 1 FROM "{schema}".sessions WHERE id = $1 FOR UPDATE', "s03")
+    held = asyncio.ensure_future(pg_repository.append_messages(A, "s03", [msg("waits")]))
+    try:
+        # Appends queued behind the held one, alone and together, all go through meanwhile.
+        for session_id in ids[4:]:
+            await asyncio.wait_for(pg_repository.append_messages(A, session_id, [msg("alone")]), FAIL_FAST_BOUND)
+        others = [s for s in ids if s != "s03"]
+        appends = asyncio.gather(*(pg_repository.append_messages(A, s, [msg("together")]) for s in others))
+        await asyncio.wait_for(appends, FAIL_FAST_BOUND)
+        assert not held.done()
+    finally:
+        await hold.rollback()
+    _, added = await asyncio.wait_for(held, FAIL_FAST_BOUND)
+    assert [m.seq for m in added] == [1]
+
+
+async def test_replicas_appending_in_opposite_orders_lose_nothing(pg_settings: Settings) -> None:
+    first = await PostgresSessionRepository.open(pg_settings)
+    second = await PostgresSessionRepository.open(pg_settings)
+    ids = [f"s{i:02}" for i in range(24)]
+    try:
+        for session_id in ids:
+            await first.create_session(A, SessionCreate(id=session_id))
+
+        async def sweep(repository: PostgresSessionRepository, order: list[str]) -> None:
+            for _ in range(5):
+                await asyncio.gather(*(repository.append_messages(A, s, [msg(s)]) for s in order))
+
+        await asyncio.wait_for(asyncio.gather(sweep(first, ids), sweep(second, ids[::-1])), FAIL_FAST_BOUND * 3)
+        for session_id in ids:
+            session = await second.get_session(A, session_id)
+            assert session is not None
+            assert (session.last_seq, session.message_count, session.version) == (10, 10, 11)
+            assert [seq for seq, _ in await all_contents(first, session_id)] == list(range(1, 11))
+    finally:
+        await first.aclose()
+        await second.aclose()
 
 
 async def test_two_repositories_on_one_schema_behave_as_one(pg_settings: Settings) -> None:

@@ -1,17 +1,12 @@
-"""The hot path: `POST /v1/sessions/{id}/messages` and `.../messages/batch` as plain ASGI.
+"""The hot path: `POST /v1/sessions/{id}/messages` and `.../messages/batch` on `LeanRoute`s.
 
-FastAPI resolves every parameter of a route through its dependency machinery,
-wraps each request in exit stacks and, since 0.16x, re-matches the routes of
-included routers through a context layer; Starlette adds a Request and two
-send wrappers per request. For an append that costs more than the store does
-(`make bench` shows the ceiling), so `AppendLane`, the innermost of our
-middlewares (after authentication and the body limit), serves these two
-operations itself and passes every other request on. It reads the same inputs
-by hand: the same body models, the same header and path rules, in FastAPI's
-order, and renders errors through `api.problems.problem_for`, the function the
-app's exception handlers use, so an error looks the same on every route. The
-OpenAPI operations come from `documented_routes`: signatures that describe
-these endpoints and are never routed.
+The endpoints below are ordinary FastAPI signatures: the OpenAPI operations come
+from them, and a plain `JSONRoute` serving them is what the lean handlers are
+tested against. The routes serve them with `AppendHandler`, a plain ASGI callable
+that reads the same inputs by hand, in FastAPI's order, with the same models and
+rules, and raises the same errors to the app's exception handlers. It skips what
+an append does not need from FastAPI: dependency resolution, the exit stacks, a
+`Request` and a `Response` per call.
 
 What an append checks, in order: the media type (415), the body as strict
 JSON (400), then path, headers and body together (one 422 listing every
@@ -22,33 +17,28 @@ issue), then the configured limits (422), then `If-Match` (412) and
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from chatsessions.api.auth import route_path
-from chatsessions.api.deps import (
-    Answer,
+from chatsessions.api.idempotency import run_idempotent
+from chatsessions.api.limits import check_messages
+from chatsessions.api.params import (
     IdempotencyKey,
     IdempotencyKeyHeader,
+    IfMatch,
     IfMatchHeader,
-    JSONRoute,
-    check_json_media,
+    SessionIdPath,
     parse_if_match,
-    parse_strict_json,
-    run_idempotent,
 )
-from chatsessions.api.limits import check_messages
-from chatsessions.api.problems import problem_for, problem_responses
-from chatsessions.api.sessions import SessionIdPath, session_location
+from chatsessions.api.problems import problem_responses, success_doc
+from chatsessions.api.routing import LeanRoute, check_json_media, parse_strict_json
+from chatsessions.api.sessions import session_location
 from chatsessions.config import Settings
 from chatsessions.models import (
     DEFAULT_TENANT,
@@ -71,6 +61,7 @@ APPEND_ERRORS = problem_responses(400, 404, 409, 412, 413, 415, 422, 503, 507)
 
 _SESSION_ID: TypeAdapter[str] = TypeAdapter(SessionId)
 _IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
+_IF_MATCH: TypeAdapter[str] = TypeAdapter(IfMatch)
 
 
 def render_message(session: Session, messages: list[Message]) -> StoredResponse:
@@ -83,18 +74,24 @@ def render_batch(session: Session, messages: list[Message]) -> StoredResponse:
     return StoredResponse(201, MessageBatch(items=messages).model_dump_json().encode(), {"ETag": session.etag})
 
 
-@dataclass(frozen=True, slots=True)
-class AppendKind:
-    """What differs between the single and the batch append."""
+async def append_message(
+    session_id: SessionIdPath,
+    message: MessageCreate,
+    if_match: IfMatchHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Message:
+    """Append one message."""
+    raise NotImplementedError("served by AppendHandler")
 
-    body: type[BaseModel]
-    messages: Callable[[Any], list[MessageCreate]]
-    loc: tuple[str, ...]
-    render: Renderer
 
-
-SINGLE = AppendKind(MessageCreate, lambda body: [body], ("body",), render_message)
-BATCH = AppendKind(MessageBatchCreate, lambda body: body.messages, ("body", "messages"), render_batch)
+async def append_messages(
+    session_id: SessionIdPath,
+    batch: MessageBatchCreate,
+    if_match: IfMatchHeader = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> MessageBatch:
+    """Append up to 100 messages, all or nothing."""
+    raise NotImplementedError("served by AppendHandler")
 
 
 def _issues(exc: ValidationError, *loc: str) -> list[dict[str, Any]]:
@@ -131,35 +128,16 @@ def parse_body(body: bytes, content_type: str | None) -> Any:
         raise RequestValidationError([{**issue, "ctx": {"error": exc.msg}}], body=exc.doc) from exc
 
 
-_APPEND_PATH = re.compile(r"/v1/sessions/(?P<session_id>[^/]+)/messages(?P<batch>/batch)?")
+@dataclass(frozen=True, slots=True)
+class AppendHandler:
+    """Plain ASGI: serves one of the two appends; errors are raised to the app's exception handlers."""
 
-
-class AppendLane:
-    """Pure ASGI middleware: answers the two appends, passes everything else to `app`."""
-
-    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
+    body: type[BaseModel]
+    messages: Callable[[Any], list[MessageCreate]]
+    loc: tuple[str, ...]
+    render: Renderer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        match = _APPEND_PATH.fullmatch(route_path(scope))
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        try:
-            answer = await self.append(scope, receive, match["session_id"], BATCH if match["batch"] else SINGLE)
-        except Exception as exc:
-            problem = problem_for(exc)
-            if problem is None:
-                raise  # a bug: ServerErrorMiddleware logs it and answers 500
-            await problem(scope, receive, send)
-            return
-        await answer.send(send)
-
-    async def append(self, scope: Scope, receive: Receive, session_id: str, kind: AppendKind) -> Answer:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name in (b"content-type", b"if-match", b"idempotency-key"):
@@ -168,12 +146,19 @@ class AppendLane:
         raw_type = headers.get(b"content-type")
         value = parse_body(body, raw_type.decode("latin-1") if raw_type is not None else None)
 
+        session_id: str = scope["path_params"]["session_id"]
         issues: list[dict[str, Any]] = []
         if SESSION_ID_RE.fullmatch(session_id) is None:
             try:
                 _SESSION_ID.validate_python(session_id)  # for FastAPI's error, word for word
             except ValidationError as exc:
                 issues += _issues(exc, "path", "session_id")
+        if_match: str | None = None
+        if (raw_if_match := headers.get(b"if-match")) is not None:
+            try:
+                if_match = _IF_MATCH.validate_python(raw_if_match.decode("latin-1"))
+            except ValidationError as exc:
+                issues += _issues(exc, "header", "if-match")
         key: str | None = None
         if (raw_key := headers.get(b"idempotency-key")) is not None:
             try:
@@ -185,28 +170,28 @@ class AppendLane:
             issues.append({"type": "missing", "loc": ("body",), "msg": "Field required", "input": None})
         else:
             try:
-                parsed = kind.body.model_validate(value, from_attributes=True)  # as FastAPI validates
+                parsed = self.body.model_validate(value, from_attributes=True)  # as FastAPI validates
             except ValidationError as exc:
                 issues += _issues(exc, "body")
         if issues:
             raise RequestValidationError(issues, body=None if value is NO_BODY else value)
 
-        messages = kind.messages(parsed)
-        check_messages(messages, self.settings, kind.loc)
-        raw_if_match = headers.get(b"if-match")
-        if_match = await parse_if_match(raw_if_match.decode("latin-1") if raw_if_match is not None else None)
         state = scope["state"]
+        settings: Settings = state["settings"]
+        messages = self.messages(parsed)
+        check_messages(messages, settings, self.loc)
+        precondition = await parse_if_match(if_match)
         repository: SessionRepository = state["repository"]
         tenant: str = state.get("tenant", DEFAULT_TENANT)
-        render = kind.render
+        render = self.render
 
         async def action(idempotency: IdempotencyRequest | None) -> StoredResponse:
             session, added = await repository.append_messages(
-                tenant, session_id, messages, if_match=if_match, idempotency=idempotency
+                tenant, session_id, messages, if_match=precondition, idempotency=idempotency
             )
             return render(session, added)
 
-        return await run_idempotent(
+        answer = await run_idempotent(
             repository=repository,
             tenant=tenant,
             key=key,
@@ -214,39 +199,28 @@ class AppendLane:
             render=render,
             action=action,
         )
+        await answer.send(send)
 
 
-def install_appends(app: FastAPI, settings: Settings) -> list[APIRoute]:
-    """Serve the two appends in `AppendLane`; return their documented operations.
-
-    Call it before adding the other middlewares: the lane must sit inside them.
-    """
-    app.add_middleware(AppendLane, settings=settings)
-    return documented_routes()
-
-
-def documented_routes() -> list[APIRoute]:
-    """The OpenAPI operations of the two appends; `AppendLane` serves them."""
-
-    def append_message(
-        session_id: SessionIdPath,
-        message: MessageCreate,
-        if_match: IfMatchHeader = None,
-        idempotency_key: IdempotencyKeyHeader = None,
-    ) -> None:
-        """Append one message."""
-
-    def append_messages(
-        session_id: SessionIdPath,
-        batch: MessageBatchCreate,
-        if_match: IfMatchHeader = None,
-        idempotency_key: IdempotencyKeyHeader = None,
-    ) -> None:
-        """Append up to 100 messages, all or nothing."""
-
-    common: dict[str, Any] = {"methods": ["POST"], "status_code": 201, "tags": ["messages"], "responses": APPEND_ERRORS}
-    # JSONRoute, as every route with a body: routed in a test app, these answer bad input as the lane does.
+def append_routes() -> list[LeanRoute]:
+    """The two append routes; register them on the app's router before the others (matching is in order)."""
+    common: dict[str, Any] = {"methods": ["POST"], "status_code": 201, "tags": ["messages"]}
     return [
-        JSONRoute(MESSAGES_PATH, append_message, response_model=Message, **common),
-        JSONRoute(BATCH_PATH, append_messages, response_model=MessageBatch, **common),
+        LeanRoute(
+            MESSAGES_PATH,
+            append_message,
+            serve=AppendHandler(MessageCreate, lambda body: [body], ("body",), render_message),
+            response_model=Message,
+            responses={201: success_doc("Appended", "Location", "ETag", "Idempotent-Replayed"), **APPEND_ERRORS},
+            **common,
+        ),
+        LeanRoute(
+            BATCH_PATH,
+            append_messages,
+            serve=AppendHandler(MessageBatchCreate, lambda body: body.messages, ("body", "messages"), render_batch),
+            owns_path=True,
+            response_model=MessageBatch,
+            responses={201: success_doc("Appended", "ETag", "Idempotent-Replayed"), **APPEND_ERRORS},
+            **common,
+        ),
     ]

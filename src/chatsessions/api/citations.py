@@ -7,13 +7,13 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from chatsessions.api.cursors import decode_cursor, encode_cursor
-from chatsessions.api.deps import JSONRoute, RepositoryDep, TenantDep
+from chatsessions.api.deps import RepositoryDep, TenantDep
+from chatsessions.api.params import CursorQuery, FilterQuery
 from chatsessions.api.problems import problem_responses
+from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput
 from chatsessions.models import CitationCursor, CitationFilter, CitationPage
-
-LinkQuery = Annotated[str | None, Query(max_length=1024)]
 
 
 def _encode(cursor: CitationCursor) -> str:
@@ -40,10 +40,10 @@ def build_citations_router(settings: Settings) -> APIRouter:
         repository: RepositoryDep,
         tenant: TenantDep,
         doc_id: Annotated[str, Query(min_length=1, max_length=1024, description="The cited document's `doc_id`.")],
-        user_id: LinkQuery = None,
-        section_id: LinkQuery = None,
+        user_id: FilterQuery = None,
+        section_id: FilterQuery = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=2048, description="`next_cursor` of the previous page.")] = None,
+        cursor: CursorQuery = None,
     ) -> Response:
         """List the references to a document, newest first."""
         listing = await repository.list_citations(

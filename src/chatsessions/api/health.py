@@ -7,13 +7,14 @@ from pydantic import BaseModel
 
 from chatsessions.api.deps import RepositoryDep
 from chatsessions.api.problems import problem_responses
+from chatsessions.api.routing import JSONRoute
 
 
 class Health(BaseModel):
     status: str
 
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=JSONRoute)
 
 
 @router.get("/healthz", response_model=Health)

@@ -2,17 +2,15 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
-from starlette.exceptions import HTTPException
+from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from chatsessions.api.deps import IfMatchDep, JSONRoute, RepositoryDep, TenantDep
-from chatsessions.api.problems import problem_responses
-from chatsessions.api.sessions import SessionIdPath
+from chatsessions.api.deps import IfMatchDep, RepositoryDep, TenantDep
+from chatsessions.api.params import SeqPath, SeqQuery, SessionIdPath
+from chatsessions.api.problems import problem_responses, success_doc
+from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.models import Message, MessagePage, MessageQuery, Order
-
-SeqQuery = Annotated[int | None, Query(ge=0, le=2**62)]
 
 
 def build_messages_router(settings: Settings) -> APIRouter:
@@ -34,15 +32,10 @@ def build_messages_router(settings: Settings) -> APIRouter:
         )
         return Response(MessagePage(items=items, has_more=more).model_dump_json(), media_type="application/json")
 
-    @router.get("/batch", include_in_schema=False)
-    async def get_batch() -> Response:
-        # Without this, GET .../batch would reach GET .../{seq} and answer 422 for seq "batch".
-        raise HTTPException(405, headers={"Allow": "POST"})
-
     @router.get("/{seq}", response_model=Message, responses=problem_responses(404, 422, 503))
     async def get_message(
         session_id: SessionIdPath,
-        seq: Annotated[int, Path(ge=1, le=2**62)],
+        seq: SeqPath,
         repository: RepositoryDep,
         tenant: TenantDep,
     ) -> Response:
@@ -50,7 +43,11 @@ def build_messages_router(settings: Settings) -> APIRouter:
         message = await repository.get_message(tenant, session_id, seq)
         return Response(message.model_dump_json(), media_type="application/json")
 
-    @router.delete("", status_code=204, responses=problem_responses(404, 412, 422, 503, 507))
+    @router.delete(
+        "",
+        status_code=204,
+        responses={204: success_doc("Cleared", "ETag"), **problem_responses(404, 412, 422, 503, 507)},
+    )
     async def clear_messages(
         session_id: SessionIdPath, repository: RepositoryDep, tenant: TenantDep, if_match: IfMatchDep
     ) -> Response:

@@ -9,9 +9,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from chatsessions import errors
 
@@ -100,8 +102,12 @@ def domain_problem(exc: errors.ChatSessionsError) -> Response:
             if isinstance(exc, errors.InvalidInput):
                 issue = {"loc": list(exc.loc), "msg": str(exc), "type": "value_error"}
                 return problem_response(status, str(exc), kind=kind, errors_=[issue])
-            headers = {"Retry-After": "1"} if status in (503, 409) and kind != "session-exists" else None
-            return problem_response(status, str(exc), kind=kind, headers=headers)
+            headers: dict[str, str] = {}
+            if status in (503, 409) and kind != "session-exists":
+                headers["Retry-After"] = "1"
+            if isinstance(exc, errors.PreconditionFailed):
+                headers["ETag"] = f'"{exc.version}"'  # the current version, to retry against
+            return problem_response(status, str(exc), kind=kind, headers=headers or None)
     log.exception("unmapped domain error", exc_info=exc)
     return problem_response(500, "internal error", kind="internal")
 
@@ -120,23 +126,9 @@ def validation_problem(exc: RequestValidationError) -> Response:
     return problem_response(422, "the request failed validation", kind="validation-error", errors_=issues)
 
 
-def http_problem(exc: HTTPException, *, allow: str | None = None) -> Response:
+def http_problem(exc: HTTPException) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else _TITLES.get(exc.status_code, "error")
-    headers = dict(exc.headers or {})
-    if exc.status_code == 405 and allow:
-        headers["Allow"] = allow
-    return problem_response(exc.status_code, detail, headers=headers)
-
-
-def problem_for(exc: Exception) -> Response | None:
-    """The answer to an error that is the client's or the storage's; None for a bug (500)."""
-    if isinstance(exc, RequestValidationError):
-        return validation_problem(exc)
-    if isinstance(exc, HTTPException):
-        return http_problem(exc)
-    if isinstance(exc, errors.ChatSessionsError):
-        return domain_problem(exc)
-    return None
+    return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
 
 
 async def _on_validation(request: Request, exc: Exception) -> Response:
@@ -144,39 +136,25 @@ async def _on_validation(request: Request, exc: Exception) -> Response:
     return validation_problem(exc)
 
 
-def allowed_methods(app: FastAPI, path: str) -> str | None:
-    """The methods the OpenAPI document lists for `path`, under its most concrete template.
+def _allowed_methods(request: Request) -> str:
+    """The methods of the routes whose path matches, under the most concrete template that matches.
 
-    Starlette's 405 names only the methods of the first route whose path matched; a
-    resource served by several routes (GET and POST /v1/sessions) needs them all, and
-    `/messages/batch` must not borrow GET from `/messages/{seq}` (OpenAPI: concrete
-    paths match before templated ones).
+    Starlette's 405 names only the methods of the route that answered; a resource served by
+    several routes (GET and POST /v1/sessions) needs them all, and `/messages/batch` must not
+    borrow GET from `/messages/{seq}` (concrete paths match before templated ones, as in OpenAPI).
     """
-    parts = path.split("/")
-    best: tuple[int, list[str]] | None = None
-    for template, operations in app.openapi().get("paths", {}).items():
-        segments = template.split("/")
-        if len(segments) != len(parts):
-            continue
-        literal = 0
-        for segment, part in zip(segments, parts, strict=True):
-            if segment.startswith("{") and segment.endswith("}"):
-                if not part:
-                    break
-            elif segment != part:
-                break
-            else:
-                literal += 1
-        else:
-            if best is None or literal > best[0]:
-                best = (literal, sorted(method.upper() for method in operations))
-    return ", ".join(best[1]) if best else None
+    found: dict[int, set[str]] = {}
+    for route in iter_route_contexts(request.app.router.routes):
+        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            found.setdefault(len(route.param_convertors), set()).update(route.methods)
+    return ", ".join(sorted(found[min(found)])) if found else ""
 
 
 async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    allow = allowed_methods(request.app, request.url.path) if exc.status_code == 405 else None
-    return http_problem(exc, allow=allow)
+    if exc.status_code == 405:
+        exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
+    return http_problem(exc)
 
 
 async def _on_domain(request: Request, exc: Exception) -> Response:
@@ -196,9 +174,44 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+# Response headers, as OpenAPI header objects.
+HEADER_DOCS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": 'The session\'s version as a strong entity tag (`"7"`), for `If-Match`.',
+        "schema": {"type": "string", "pattern": r'^"[0-9]+"$'},
+    },
+    "Location": {"description": "Path of the created resource.", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the stored answer to an earlier request with the same Idempotency-Key.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+}
+_PROBLEM_HEADERS = {409: ("Retry-After",), 412: ("ETag",), 503: ("Retry-After",)}
+
+
+def headers_doc(*names: str) -> dict[str, dict[str, Any]]:
+    return {name: HEADER_DOCS[name] for name in names}
+
+
+def success_doc(description: str, *headers: str, model: Any = None) -> dict[str, Any]:
+    """An OpenAPI `responses` entry of a success answer with its headers."""
+    entry: dict[str, Any] = {"description": description, "headers": headers_doc(*headers)}
+    if model is not None:
+        entry["model"] = model
+    return entry
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the errors an operation can answer."""
-    return {
-        status: {"model": Problem, "description": _TITLES.get(status, "Error"), "content": {PROBLEM_JSON: {}}}
-        for status in statuses
-    }
+    """OpenAPI `responses` entries for the errors an operation can answer, with their headers."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": Problem, "description": _TITLES.get(status, "Error")}
+        entry["content"] = {PROBLEM_JSON: {}}
+        if status in _PROBLEM_HEADERS:
+            entry["headers"] = headers_doc(*_PROBLEM_HEADERS[status])
+        responses[status] = entry
+    return responses

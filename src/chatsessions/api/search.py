@@ -6,14 +6,15 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from chatsessions.api.cursors import decode_cursor, encode_cursor
-from chatsessions.api.deps import JSONRoute, RepositoryDep, TenantDep
+from chatsessions.api.deps import RepositoryDep, TenantDep
+from chatsessions.api.params import CursorQuery, FilterQuery
 from chatsessions.api.problems import problem_responses
+from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput
 from chatsessions.models import Role, SearchFilter, SearchPage
 from chatsessions.text import SearchQuery
 
-LinkQuery = Annotated[str | None, Query(max_length=1024)]
 # Deeper than this, a search is no longer a search but a scan: narrow the query instead.
 MAX_OFFSET = 10_000
 
@@ -33,12 +34,12 @@ def build_search_router(settings: Settings) -> APIRouter:
                 description='Words (all must match, case- and accent-insensitive) and "quoted phrases".',
             ),
         ],
-        user_id: LinkQuery = None,
-        document_id: LinkQuery = None,
-        section_id: LinkQuery = None,
+        user_id: FilterQuery = None,
+        document_id: FilterQuery = None,
+        section_id: FilterQuery = None,
         role: Role | None = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=2048, description="`next_cursor` of the previous page.")] = None,
+        cursor: CursorQuery = None,
     ) -> Response:
         """Search messages, best match first."""
         query = SearchQuery.parse(q)

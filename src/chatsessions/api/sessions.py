@@ -6,25 +6,18 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 from starlette.responses import Response
 
-from chatsessions.api.deps import (
-    IdempotencyKeyHeader,
-    IfMatchDep,
-    JSONRoute,
-    RepositoryDep,
-    SettingsDep,
-    TenantDep,
-    run_idempotent,
-    stored_to_response,
-)
+from chatsessions.api.deps import IfMatchDep, RepositoryDep, SettingsDep, TenantDep
+from chatsessions.api.idempotency import run_idempotent, stored_to_response
 from chatsessions.api.limits import check_session_fields
-from chatsessions.api.problems import problem_responses
+from chatsessions.api.params import CursorQuery, FilterQuery, IdempotencyKeyHeader, SessionIdPath
+from chatsessions.api.problems import problem_responses, success_doc
+from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput, SessionNotFound
 from chatsessions.models import (
-    SESSION_ID_PATTERN,
     IdempotencyRequest,
     Message,
     Session,
@@ -33,11 +26,9 @@ from chatsessions.models import (
     SessionFilter,
     SessionPage,
     SessionPatch,
+    SessionPut,
     StoredResponse,
 )
-
-SessionIdPath = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Session id, unique per tenant.")]
-FilterQuery = Annotated[str | None, Query(max_length=1024)]
 
 
 def session_location(session_id: str) -> str:
@@ -79,7 +70,10 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         "",
         status_code=201,
         response_model=Session,
-        responses=problem_responses(400, 409, 413, 415, 422, 503, 507),
+        responses={
+            201: success_doc("Created", "Location", "ETag", "Idempotent-Replayed"),
+            **problem_responses(400, 409, 413, 415, 422, 503, 507),
+        },
     )
     async def create_session(
         request: Request,
@@ -111,7 +105,8 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         "/{session_id}",
         response_model=Session,
         responses={
-            201: {"model": Session, "description": "Created"},
+            200: success_doc("The session as it was", "ETag"),
+            201: success_doc("Created", "Location", "ETag", model=Session),
             **problem_responses(400, 413, 415, 422, 503, 507),
         },
     )
@@ -120,17 +115,19 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         repository: RepositoryDep,
         tenant: TenantDep,
         settings: SettingsDep,
-        body: Annotated[SessionCreate | None, Body()] = None,
+        body: Annotated[SessionPut | None, Body()] = None,
     ) -> Response:
         """Get or create a session, atomically."""
-        data = body or SessionCreate()
-        if data.id is not None and data.id != session_id:
-            raise InvalidInput("body id differs from the id in the path", loc=("body", "id"))
+        data = SessionCreate.model_validate(body, from_attributes=True) if body is not None else SessionCreate()
         check_session_fields(data, settings)
         session, created = await repository.get_or_create_session(tenant, session_id, data)
         return stored_to_response(render_session(session, 201 if created else 200, location=created))
 
-    @router.get("/{session_id}", response_model=Session, responses=problem_responses(404, 422, 503))
+    @router.get(
+        "/{session_id}",
+        response_model=Session,
+        responses={200: success_doc("The session", "ETag"), **problem_responses(404, 422, 503)},
+    )
     async def get_session(session_id: SessionIdPath, repository: RepositoryDep, tenant: TenantDep) -> Response:
         """Read one session."""
         session = await repository.get_session(tenant, session_id)
@@ -149,7 +146,7 @@ def build_sessions_router(settings: Settings) -> APIRouter:
             str | None, Query(max_length=1024, description="Only sessions with a message that cites this doc_id.")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_sessions)] = min(20, settings.max_page_sessions),
-        cursor: Annotated[str | None, Query(max_length=2048, description="`next_cursor` of the previous page.")] = None,
+        cursor: CursorQuery = None,
     ) -> SessionPage:
         """List sessions, newest `updated_at` first."""
         listing = await repository.list_sessions(
@@ -166,7 +163,7 @@ def build_sessions_router(settings: Settings) -> APIRouter:
     @router.patch(
         "/{session_id}",
         response_model=Session,
-        responses=problem_responses(400, 404, 412, 413, 415, 422, 503, 507),
+        responses={200: success_doc("Patched", "ETag"), **problem_responses(400, 404, 412, 413, 415, 422, 503, 507)},
         openapi_extra={
             "requestBody": {
                 "content": {

@@ -207,7 +207,10 @@ class Writer:
         try:
             self._serve(conn)
         finally:
-            conn.close()
+            try:
+                conn.close()
+            except apsw.Error as exc:  # its closing checkpoint met a failed disk; the WAL keeps what it covers
+                log.warning("closing the database after a disk failure: %s: %s", type(exc).__name__, exc)
 
     def _serve(self, conn: apsw.Connection) -> None:
         stopping = False

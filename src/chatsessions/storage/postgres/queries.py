@@ -1,0 +1,248 @@
+"""Every statement the PostgreSQL store runs, as named constants.
+
+Hot changes are single statements run outside an explicit transaction: one
+round trip, and PostgreSQL makes each statement atomic by itself. Row locks
+do the serialising: an `UPDATE` of a session row waits for a concurrent
+change of that row to commit, then re-reads it, so `RETURNING` always gives
+the newest counters. A statement that changed nothing also answers with the
+row as its snapshot saw it (`found = false`), so the caller can tell "no such
+session" (no row) from "stale If-Match" (a row whose version fails the check)
+in the same answer.
+
+`$n::bigint[]` versions are an `If-Match` list; NULL means "any version".
+"""
+
+from __future__ import annotations
+
+from chatsessions.models import Order, SessionCursor, SessionFilter
+from chatsessions.storage.common import listing_sql
+from chatsessions.storage.postgres.rows import moment
+
+SESSION_COLUMNS = (
+    "id, user_id, document_id, section_id, title, settings, metadata, "
+    "message_count, last_seq, version, created_at, updated_at"
+)
+_S_SESSION_COLUMNS = ", ".join(f"s.{column}" for column in SESSION_COLUMNS.split(", "))
+MESSAGE_COLUMNS = "seq, role, content, content_raw, created_at, metadata, refs"
+
+SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
+LOCK_SESSION = SELECT_SESSION + " FOR UPDATE"
+
+# Arguments: tenant, id, then `rows.session_values`.
+_INSERT_SESSION = """
+INSERT INTO sessions (tenant, id, user_id, document_id, section_id, title, settings, metadata,
+                      message_count, last_seq, version, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13)
+ON CONFLICT (tenant, id) DO NOTHING
+"""
+# _INSERT_SESSION's arguments, then key, fingerprint, status, body, headers, ttl: the answer under
+# an Idempotency-Key commits with the session it created, in the same statement. One row (true) when
+# created, none when the id exists.
+INSERT_SESSION_ANSWERED = f"""
+WITH created AS ({_INSERT_SESSION} RETURNING true),
+answered AS (
+    INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at)
+    SELECT $1, $14, $15, $16, $17, $18::jsonb, now() + make_interval(secs => $19) FROM created
+    ON CONFLICT (tenant, key) DO UPDATE
+    SET status = EXCLUDED.status, body = EXCLUDED.body, headers = EXCLUDED.headers, expires_at = EXCLUDED.expires_at
+)
+SELECT true FROM created
+"""
+# _INSERT_SESSION's arguments. Created: one row (true, the new row). Exists: (false, the row as this
+# statement's snapshot sees it), or no row when the row that won the race is newer than that snapshot.
+GET_OR_INSERT_SESSION = f"""
+WITH created AS ({_INSERT_SESSION} RETURNING {SESSION_COLUMNS})
+SELECT true AS created, {SESSION_COLUMNS} FROM created
+UNION ALL
+SELECT false, {SESSION_COLUMNS} FROM sessions
+WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM created)
+"""
+
+# GET_OR_INSERT_SESSION for many sessions at once (each at most once): arguments one array per
+# argument of _INSERT_SESSION. Answers, for each session `i` (1-based), as GET_OR_INSERT_SESSION
+# does. Rows go in in (tenant, id) order, so two batches never wait for each other in a cycle.
+CREATE_BATCH = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::timestamptz[],
+                         $13::timestamptz[])
+        WITH ORDINALITY AS w(tenant, id, user_id, document_id, section_id, title, settings, metadata,
+                             message_count, last_seq, version, created_at, updated_at, i)
+),
+created AS (
+    INSERT INTO sessions (tenant, id, user_id, document_id, section_id, title, settings, metadata,
+                          message_count, last_seq, version, created_at, updated_at)
+    SELECT tenant, id, user_id, document_id, section_id, title, settings::jsonb, metadata::jsonb,
+           message_count, last_seq, version, created_at, updated_at
+    FROM wanted ORDER BY tenant, id
+    ON CONFLICT (tenant, id) DO NOTHING
+    RETURNING tenant, id
+)
+SELECT w.i, c.id IS NOT NULL AS created, {_S_SESSION_COLUMNS}
+FROM wanted w
+LEFT JOIN created c ON c.tenant = w.tenant AND c.id = w.id
+LEFT JOIN sessions s ON c.id IS NULL AND s.tenant = w.tenant AND s.id = w.id
+WHERE c.id IS NOT NULL OR s.id IS NOT NULL
+"""
+
+# Arguments: tenant, id, then `rows.session_links`, version, updated_at.
+UPDATE_SESSION = """
+UPDATE sessions
+SET user_id = $3, document_id = $4, section_id = $5, title = $6, settings = $7::jsonb, metadata = $8::jsonb,
+    version = $9, updated_at = $10
+WHERE tenant = $1 AND id = $2
+"""
+# Arguments: tenant, id, If-Match versions. The deleted row's version (found = true), or see the module doc.
+DELETE_SESSION = """
+WITH deleted AS (
+    DELETE FROM sessions
+    WHERE tenant = $1 AND id = $2 AND ($3::bigint[] IS NULL OR version = ANY($3::bigint[]))
+    RETURNING version
+)
+SELECT true AS found, version FROM deleted
+UNION ALL
+SELECT false, version FROM sessions WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM deleted)
+"""
+
+# Arguments: tenant, id, count, now, If-Match versions, then `rows.message_arrays`.
+# The session's counters move and its messages go in, in one statement: seqs follow the
+# locked row's last_seq, and every message's created_at is the session's new updated_at,
+# which never moves back (replicas' clocks may disagree a little).
+APPEND = f"""
+WITH changed AS (
+    UPDATE sessions
+    SET message_count = message_count + $3::bigint, last_seq = last_seq + $3::bigint, version = version + 1,
+        updated_at = greatest($4::timestamptz, updated_at)
+    WHERE tenant = $1 AND id = $2 AND ($5::bigint[] IS NULL OR version = ANY($5::bigint[]))
+    RETURNING {SESSION_COLUMNS}
+),
+added AS (
+    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
+    SELECT $1, $2, c.last_seq - $3::bigint + m.n, m.role, m.content, m.content_raw, c.updated_at,
+           m.metadata::jsonb, m.refs::jsonb
+    FROM changed c,
+         unnest($6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])
+             WITH ORDINALITY AS m(role, content, content_raw, metadata, refs, n)
+)
+SELECT true AS found, {SESSION_COLUMNS} FROM changed
+UNION ALL
+SELECT false, {SESSION_COLUMNS} FROM sessions
+WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM changed)
+"""
+
+# APPEND for many sessions at once (each at most once), in one statement: arguments tenants, ids,
+# counts, expected versions (NULL: any), now, then per message: the index (1-based) of its append,
+# its place in that append, and the columns of `rows.message_arrays`. Answers one row per append
+# whose session exists: `i` its index, then as APPEND. A batch never waits for a row lock: it skips
+# a session that another transaction holds (that append answers `found = false` with a version
+# that passes, and runs again by itself), so one busy session never holds up the others, and
+# batches cannot deadlock.
+APPEND_BATCH = f"""
+WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+        WITH ORDINALITY AS w(tenant, id, n, expected, i)
+),
+locked AS (
+    SELECT s.tenant, s.id, w.n, w.expected, w.i
+    FROM sessions s JOIN wanted w ON s.tenant = w.tenant AND s.id = w.id
+    FOR UPDATE OF s SKIP LOCKED
+),
+changed AS (
+    UPDATE sessions s
+    SET message_count = s.message_count + l.n, last_seq = s.last_seq + l.n, version = s.version + 1,
+        updated_at = greatest($5::timestamptz, s.updated_at)
+    FROM locked l
+    WHERE s.tenant = l.tenant AND s.id = l.id AND (l.expected IS NULL OR s.version = l.expected)
+    RETURNING l.i, l.n, s.tenant, {_S_SESSION_COLUMNS}
+),
+added AS (
+    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
+    SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, m.role, m.content, m.content_raw, c.updated_at,
+           m.metadata::jsonb, m.refs::jsonb
+    FROM changed c
+    JOIN unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[], $12::text[])
+        AS m(i, ord, role, content, content_raw, metadata, refs) ON m.i = c.i
+)
+SELECT i, true AS found, {SESSION_COLUMNS} FROM changed
+UNION ALL
+SELECT w.i, false, {_S_SESSION_COLUMNS}
+FROM wanted w JOIN sessions s ON s.tenant = w.tenant AND s.id = w.id
+WHERE NOT EXISTS (SELECT FROM changed c WHERE c.i = w.i)
+"""
+
+# Both run after LOCK_SESSION, in its transaction, so no append slips in between.
+CLEAR_MESSAGES = "DELETE FROM messages WHERE tenant = $1 AND session_id = $2"
+# Arguments: tenant, id, version, updated_at.
+CLEAR_COUNTERS = "UPDATE sessions SET message_count = 0, version = $3, updated_at = $4 WHERE tenant = $1 AND id = $2"
+
+
+def _page_sql(order: str) -> str:
+    # One statement, one snapshot: whether the session exists and its page agree.
+    return f"""
+SELECT m.*
+FROM sessions s
+LEFT JOIN LATERAL (
+    SELECT {MESSAGE_COLUMNS} FROM messages
+    WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
+    ORDER BY seq {order} LIMIT $5
+) m ON true
+WHERE s.tenant = $1 AND s.id = $2
+ORDER BY m.seq {order}
+"""
+
+
+PAGE_ASC = _page_sql("ASC")
+PAGE_DESC = _page_sql("DESC")
+# Arguments: tenant, id, seq. No row: no session; a row of NULLs: no such message.
+GET_MESSAGE = """
+SELECT m.seq, m.role, m.content, m.content_raw, m.created_at, m.metadata, m.refs
+FROM sessions s
+LEFT JOIN messages m ON m.tenant = s.tenant AND m.session_id = s.id AND m.seq = $3
+WHERE s.tenant = $1 AND s.id = $2
+"""
+
+CLAIM_KEY = """
+INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at)
+VALUES ($1, $2, $3, NULL, NULL, NULL, now() + make_interval(secs => $4))
+ON CONFLICT (tenant, key) DO UPDATE
+SET fingerprint = EXCLUDED.fingerprint, status = NULL, body = NULL, headers = NULL, expires_at = EXCLUDED.expires_at
+WHERE k.expires_at <= now()
+RETURNING true
+"""
+READ_KEY = """
+SELECT fingerprint, status, body, headers FROM idempotency_keys
+WHERE tenant = $1 AND key = $2 AND expires_at > now()
+"""
+# Arguments: tenant, key, fingerprint, status, body, headers, ttl.
+STORE_ANSWER = """
+INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, now() + make_interval(secs => $7))
+ON CONFLICT (tenant, key) DO UPDATE
+SET status = EXCLUDED.status, body = EXCLUDED.body, headers = EXCLUDED.headers, expires_at = EXCLUDED.expires_at
+"""
+# Only a claim is released: an answer that committed with its change stays, even
+# when the caller saw the commit fail and now reports a 5xx.
+RELEASE_KEY = "DELETE FROM idempotency_keys WHERE tenant = $1 AND key = $2 AND status IS NULL"
+PURGE_KEYS = "DELETE FROM idempotency_keys WHERE expires_at <= now()"
+
+IS_WRITABLE = "SELECT NOT pg_is_in_recovery()"
+
+
+def listing_query(
+    tenant: str, *, filters: SessionFilter, limit: int, cursor: SessionCursor | None
+) -> tuple[str, list[object]]:
+    """SQL and arguments of one listing page (see `common.listing_sql`)."""
+    return listing_sql(
+        columns=SESSION_COLUMNS,
+        filters=filters,
+        limit=limit,
+        cursor=cursor,
+        placeholder=lambda n: f"${n}",
+        moment=moment,
+        tenant=tenant,
+    )
+
+
+def page_query(order: Order) -> str:
+    """SQL of a message page: arguments tenant, session id, after, before, limit."""
+    return PAGE_ASC if order is Order.asc else PAGE_DESC

@@ -1,0 +1,441 @@
+"""`PostgresSessionRepository`: the `SessionRepository` contract on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+
+from chatsessions.config import Settings
+from chatsessions.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    MessageNotFound,
+    SessionExists,
+    SessionNotFound,
+    StorageUnavailable,
+)
+from chatsessions.models import (
+    IdempotencyRequest,
+    Message,
+    MessageCreate,
+    MessageQuery,
+    Precondition,
+    Session,
+    SessionCreate,
+    SessionCursor,
+    SessionFilter,
+    SessionListing,
+    SessionPatch,
+    StoredResponse,
+    utcnow,
+)
+from chatsessions.models import patch_session as apply_session_patch
+from chatsessions.storage import common
+from chatsessions.storage.base import NullObserver, StoreObserver
+from chatsessions.storage.postgres import queries as q
+from chatsessions.storage.postgres import rows
+from chatsessions.storage.postgres.faults import translate_errors
+from chatsessions.storage.postgres.schema import application_name, migrate
+from chatsessions.storage.postgres.writer import (
+    ALONE,
+    MESSAGE_WEIGHT,
+    GroupCommit,
+    PendingAppend,
+    PendingCreate,
+    RunAlone,
+    run_appends,
+    run_creates,
+)
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+# A claimed Idempotency-Key whose request has not finished by then is free again:
+# the replica that held it crashed. Far longer than any statement may run.
+IDEMPOTENCY_LEASE_SECONDS = 60.0
+# Expired Idempotency-Keys are deleted by the first claim after this many seconds.
+IDEMPOTENCY_PURGE_INTERVAL = 60.0
+# A change that lost a race inside its own statement (the row changed or went between the
+# statement's snapshot and its row lock) runs again; the next snapshot sees the winner.
+RACE_ATTEMPTS = 5
+
+
+async def _keep_session_state(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Pool reset hook: skip asyncpg's default reset query on every release.
+
+    We hold no session-level state (no SET, LISTEN, cursors or advisory locks
+    on pooled connections), and asyncpg still rolls back an open transaction.
+    """
+
+
+def _versions(if_match: Precondition | None) -> list[int] | None:
+    """An `If-Match` as the `$n::bigint[]` argument of a guarded statement (None: any version)."""
+    if if_match is None or if_match.any:
+        return None
+    return sorted(if_match.versions)
+
+
+def _expected(if_match: Precondition | None) -> tuple[bool, int | None]:
+    """Whether an append with this `If-Match` can join a batch, and the version it demands (None: any)."""
+    if if_match is None or if_match.any:
+        return True, None
+    if len(if_match.versions) == 1:
+        return True, next(iter(if_match.versions))
+    return False, None
+
+
+def _lost_race(session_id: str) -> StorageUnavailable:
+    return StorageUnavailable(f"session {session_id!r} is changing too fast; retry")
+
+
+class PostgresSessionRepository:
+    """Sessions in PostgreSQL; any number of replicas may share one schema."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        *,
+        timeout: float,
+        idempotency_ttl: float,
+        idempotency_lease: float = IDEMPOTENCY_LEASE_SECONDS,
+        observer: StoreObserver | None = None,
+    ) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._idempotency_ttl = idempotency_ttl
+        self._idempotency_lease = idempotency_lease
+        self._observer: StoreObserver = observer if observer is not None else NullObserver()
+        self._next_purge = 0.0  # time.monotonic() after which expired keys are deleted
+        self._appends = GroupCommit(
+            run_appends, connection=self._connection, observer=self._observer, name="chatsessions-appends"
+        )
+        self._creates = GroupCommit(
+            run_creates, connection=self._connection, observer=self._observer, name="chatsessions-creates"
+        )
+
+    @classmethod
+    async def open(cls, settings: Settings, *, observer: StoreObserver | None = None) -> PostgresSessionRepository:
+        """Migrate the schema, then open the connection pool.
+
+        Args:
+            settings: `postgres_dsn`, `postgres_schema`, pool bounds and timeout are used.
+            observer: told of every write transaction (`commit`, with the number of changes it
+                held) and of the group-commit queues' depth (`queue_depth`).
+
+        Raises:
+            StorageUnavailable: no DSN is configured, or PostgreSQL cannot be reached.
+        """
+        dsn = settings.postgres_dsn
+        if not dsn:
+            raise StorageUnavailable("the postgres store needs CHATSESSIONS_POSTGRES_DSN")
+        schema = settings.postgres_schema
+        timeout = settings.postgres_timeout_seconds
+        with translate_errors():
+            await migrate(dsn, schema=schema, connect_timeout=timeout)
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min(settings.postgres_pool_min, settings.postgres_pool_max),
+                max_size=settings.postgres_pool_max,
+                timeout=timeout,
+                command_timeout=timeout,
+                reset=_keep_session_state,
+                server_settings={"search_path": f'"{schema}"', "application_name": application_name(schema)},
+            )
+        return cls(pool, timeout=timeout, idempotency_ttl=settings.idempotency_ttl_seconds, observer=observer)
+
+    # --- connections ----------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        with translate_errors():
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[Conn]:
+        """A connection for one write transaction (a single statement is one), reported to the observer."""
+        async with self._connection() as conn:
+            started = time.perf_counter()
+            try:
+                yield conn
+            finally:
+                self._observer.commit(changes=1, seconds=time.perf_counter() - started)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Conn]:
+        async with self._writing() as conn, conn.transaction():
+            yield conn
+
+    async def _lock(self, conn: Conn, tenant: str, session_id: str, if_match: Precondition | None) -> Session:
+        """Lock the session row for this transaction; check `If-Match` against the locked version."""
+        row = await conn.fetchrow(q.LOCK_SESSION, tenant, session_id)
+        if row is None:
+            raise SessionNotFound(session_id)
+        session = rows.session_from(row)
+        common.check_precondition(session_id, session.version, if_match)
+        return session
+
+    async def _store_answer(
+        self, conn: Conn, *, tenant: str, key: str, fingerprint: str, answer: StoredResponse
+    ) -> None:
+        await conn.execute(
+            q.STORE_ANSWER,
+            tenant,
+            key,
+            fingerprint,
+            answer.status,
+            answer.body,
+            rows.dump(answer.headers),
+            self._idempotency_ttl,
+        )
+
+    # --- sessions -----------------------------------------------------------
+
+    async def create_session(
+        self, tenant: str, data: SessionCreate, *, idempotency: IdempotencyRequest | None = None
+    ) -> Session:
+        session = common.new_session(data, now=utcnow())
+        values = rows.session_values(session)
+        if idempotency is None:
+            created, _ = await self._create(tenant, session.id, values)
+        else:  # the answer commits with the session, in the same statement
+            answer = idempotency.render(session, [])
+            async with self._writing() as conn:
+                created = await conn.fetchval(
+                    q.INSERT_SESSION_ANSWERED,
+                    tenant,
+                    session.id,
+                    *values,
+                    idempotency.key,
+                    idempotency.fingerprint,
+                    answer.status,
+                    answer.body,
+                    rows.dump(answer.headers),
+                    self._idempotency_ttl,
+                )
+        if not created:
+            raise SessionExists(session.id)
+        return session
+
+    async def get_or_create_session(self, tenant: str, session_id: str, data: SessionCreate) -> tuple[Session, bool]:
+        session = common.new_session(data, session_id=session_id, now=utcnow())
+        values = rows.session_values(session)
+        # INSERT ... ON CONFLICT decides the race in the database; the loser reads the winner's
+        # row. When that row is newer than the statement's snapshot (or went again), try again.
+        for _ in range(RACE_ATTEMPTS):
+            created, row = await self._create(tenant, session_id, values)
+            if created:
+                return session, True
+            if row is not None:
+                return rows.session_from(row), False
+        raise StorageUnavailable(f"session {session_id!r} is being created and deleted too fast; retry")
+
+    async def _create(
+        self, tenant: str, session_id: str, values: tuple[Any, ...]
+    ) -> tuple[bool, asyncpg.Record | None]:
+        """Insert a session unless the id exists: whether it did, else the existing row if visible."""
+        outcome: asyncpg.Record | RunAlone | None = ALONE
+        if rows.storable(values):
+            weight = sum(len(v) for v in values if isinstance(v, str))
+            outcome = await self._creates.submit(
+                PendingCreate(tenant=tenant, session_id=session_id, weight=weight, values=values)
+            )
+        if isinstance(outcome, RunAlone):
+            async with self._writing() as conn:
+                outcome = await conn.fetchrow(q.GET_OR_INSERT_SESSION, tenant, session_id, *values)
+        if outcome is None:
+            return False, None
+        return bool(outcome["created"]), None if outcome["created"] else outcome
+
+    async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(q.SELECT_SESSION, tenant, session_id)
+        return rows.session_from(row) if row is not None else None
+
+    async def list_sessions(
+        self, tenant: str, *, filters: SessionFilter, limit: int, cursor: SessionCursor | None
+    ) -> SessionListing:
+        sql, args = q.listing_query(tenant, filters=filters, limit=limit + 1, cursor=cursor)
+        async with self._connection() as conn:
+            found = await conn.fetch(sql, *args)
+        return common.listing_page([rows.session_from(row) for row in found], limit)
+
+    async def patch_session(
+        self, tenant: str, session_id: str, patch: SessionPatch, *, if_match: Precondition | None = None
+    ) -> Session:
+        async with self._transaction() as conn:
+            current = await self._lock(conn, tenant, session_id, if_match)
+            changes = patch.model_dump(mode="json", exclude_unset=True)
+            session = apply_session_patch(current, changes, now=common.change_time(current))
+            await conn.execute(
+                q.UPDATE_SESSION,
+                tenant,
+                session_id,
+                *rows.session_links(session),
+                session.version,
+                session.updated_at,
+            )
+        return session
+
+    async def delete_session(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> None:
+        # Messages go with the row: ON DELETE CASCADE.
+        versions = _versions(if_match)
+        for _ in range(RACE_ATTEMPTS):
+            async with self._writing() as conn:
+                row = await conn.fetchrow(q.DELETE_SESSION, tenant, session_id, versions)
+            if row is None:
+                raise SessionNotFound(session_id)
+            if row["found"]:
+                return
+            common.check_precondition(session_id, row["version"], if_match)
+        raise _lost_race(session_id)
+
+    # --- messages -----------------------------------------------------------
+
+    async def append_messages(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageCreate],
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, list[Message]]:
+        arrays = rows.message_arrays(messages)
+        batchable, expected = _expected(if_match)
+        _, content, _, metadata, refs = arrays
+        if idempotency is None and batchable and rows.storable(itertools.chain(content, metadata, refs)):
+            weight = sum(len(m.content) + MESSAGE_WEIGHT for m in messages)
+            pending = PendingAppend(
+                tenant=tenant,
+                session_id=session_id,
+                weight=weight,
+                count=len(messages),
+                expected=expected,
+                arrays=arrays,
+            )
+            outcome = await self._appends.submit(pending)
+            if not isinstance(outcome, RunAlone):
+                result = self._appended(session_id, outcome, messages, if_match)
+                if result is not None:
+                    return result
+        # By itself: under an Idempotency-Key, with an If-Match of several versions, or after a lost race.
+        args = (len(messages), utcnow(), _versions(if_match), *arrays)
+        for _ in range(RACE_ATTEMPTS):
+            if idempotency is None:
+                async with self._writing() as conn:
+                    row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
+                result = self._appended(session_id, row, messages, if_match)
+            else:
+                # The answer is rendered here from the result, so it takes a second statement;
+                # the transaction commits it with the change.
+                async with self._transaction() as conn:
+                    row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
+                    result = self._appended(session_id, row, messages, if_match)
+                    if result is not None:
+                        await self._store_answer(
+                            conn,
+                            tenant=tenant,
+                            key=idempotency.key,
+                            fingerprint=idempotency.fingerprint,
+                            answer=idempotency.render(*result),
+                        )
+            if result is not None:
+                return result
+        raise _lost_race(session_id)
+
+    @staticmethod
+    def _appended(
+        session_id: str, row: asyncpg.Record | None, messages: list[MessageCreate], if_match: Precondition | None
+    ) -> tuple[Session, list[Message]] | None:
+        """The outcome of `queries.APPEND`; None when it lost a race and must run again."""
+        if row is None:
+            raise SessionNotFound(session_id)
+        if not row["found"]:
+            common.check_precondition(session_id, row["version"], if_match)
+            return None
+        session = rows.session_from(row)
+        first_seq = session.last_seq - len(messages) + 1
+        return session, common.new_messages(messages, first_seq=first_seq, now=session.updated_at)
+
+    async def list_messages(self, tenant: str, session_id: str, query: MessageQuery) -> tuple[list[Message], bool]:
+        after, before = common.seq_bounds(query)
+        async with self._connection() as conn:
+            found = await conn.fetch(q.page_query(query.order), tenant, session_id, after, before, query.limit + 1)
+        if not found:
+            raise SessionNotFound(session_id)
+        page = [rows.message_from(row) for row in found if row["seq"] is not None]
+        return page[: query.limit], len(page) > query.limit
+
+    async def get_message(self, tenant: str, session_id: str, seq: int) -> Message:
+        # Out of bigint range: no such message, but the query still tells whether the session exists.
+        wanted = seq if 0 < seq <= common.MAX_SEQ else 0
+        async with self._connection() as conn:
+            row = await conn.fetchrow(q.GET_MESSAGE, tenant, session_id, wanted)
+        if row is None:
+            raise SessionNotFound(session_id)
+        if row["seq"] is None:
+            raise MessageNotFound(session_id, seq)
+        return rows.message_from(row)
+
+    async def clear_messages(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> Session:
+        async with self._transaction() as conn:
+            current = await self._lock(conn, tenant, session_id, if_match)
+            await conn.execute(q.CLEAR_MESSAGES, tenant, session_id)
+            session = common.after_clear(current, now=common.change_time(current))
+            await conn.execute(q.CLEAR_COUNTERS, tenant, session_id, session.version, session.updated_at)
+        return session
+
+    # --- idempotency ----------------------------------------------------------
+
+    async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:
+        async with self._writing() as conn:
+            if time.monotonic() >= self._next_purge:
+                self._next_purge = time.monotonic() + IDEMPOTENCY_PURGE_INTERVAL
+                await conn.execute(q.PURGE_KEYS)
+            # Claim the key, or read what holds it. A holder may finish (and release)
+            # between the two statements; then claim again.
+            for _ in range(RACE_ATTEMPTS):
+                if await conn.fetchval(q.CLAIM_KEY, tenant, key, fingerprint, self._idempotency_lease):
+                    return None
+                row = await conn.fetchrow(q.READ_KEY, tenant, key)
+                if row is None:
+                    continue
+                if row["fingerprint"] != fingerprint:
+                    raise IdempotencyKeyReused()
+                if row["status"] is None:
+                    raise IdempotencyInProgress()
+                return StoredResponse(row["status"], bytes(row["body"]), dict(json.loads(row["headers"])))
+        raise IdempotencyInProgress()
+
+    async def idempotency_finish(self, tenant: str, key: str, response: StoredResponse | None) -> None:
+        async with self._writing() as conn:
+            if response is None:
+                await conn.execute(q.RELEASE_KEY, tenant, key)
+            else:
+                await self._store_answer(conn, tenant=tenant, key=key, fingerprint="", answer=response)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def check_ready(self) -> None:
+        async with self._connection() as conn:
+            writable = await conn.fetchval(q.IS_WRITABLE)
+        if not writable:
+            raise StorageUnavailable("PostgreSQL is a read-only standby")
+
+    async def aclose(self) -> None:
+        await self._appends.aclose()
+        await self._creates.aclose()
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            self._pool.terminate()

@@ -1,0 +1,123 @@
+"""The one place where domain models become query arguments and rows become domain models."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from chatsessions.models import Message, MessageCreate, Role, Session
+
+# What PostgreSQL text cannot hold: NUL, and (not being UTF-8) unpaired surrogates.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def dump(value: Any) -> str | None:
+    """A JSON value as the text of a jsonb argument (None stays SQL NULL)."""
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def moment(at: datetime) -> datetime:
+    """A timestamp for a timestamptz argument (a naive one is taken as UTC)."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def session_from(row: asyncpg.Record) -> Session:
+    """A session from a row holding `queries.SESSION_COLUMNS`."""
+    return Session.model_validate(
+        {
+            "id": row["id"],
+            "user_id": row["user_id"],
+            "document_id": row["document_id"],
+            "section_id": row["section_id"],
+            "title": row["title"],
+            "settings": json.loads(row["settings"]),
+            "metadata": json.loads(row["metadata"]),
+            "message_count": row["message_count"],
+            "last_seq": row["last_seq"],
+            "version": row["version"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+        }
+    )
+
+
+def message_from(row: asyncpg.Record) -> Message:
+    """A message from a row holding `queries.MESSAGE_COLUMNS`."""
+    content = row["content"]
+    return Message(
+        seq=row["seq"],
+        role=Role(row["role"]),
+        content=content if content is not None else row["content_raw"].decode("utf-8", "surrogatepass"),
+        created_at=row["created_at"],
+        metadata=load(row["metadata"]),
+        references=load(row["refs"]),
+    )
+
+
+def session_values(session: Session) -> tuple[Any, ...]:
+    """The columns of `sessions` after (tenant, id), in the order of `queries.GET_OR_INSERT_SESSION`'s arguments."""
+    return (
+        session.user_id,
+        session.document_id,
+        session.section_id,
+        session.title,
+        dump(session.settings.model_dump(mode="json")),
+        dump(session.metadata),
+        session.message_count,
+        session.last_seq,
+        session.version,
+        session.created_at,
+        session.updated_at,
+    )
+
+
+def session_links(session: Session) -> tuple[Any, ...]:
+    """The columns a patch may change, in `queries.UPDATE_SESSION` order (after tenant, id)."""
+    return (
+        session.user_id,
+        session.document_id,
+        session.section_id,
+        session.title,
+        dump(session.settings.model_dump(mode="json")),
+        dump(session.metadata),
+    )
+
+
+def _raw_content(content: str) -> bytes | None:
+    """Content that a text column cannot hold, as bytes; None when it can."""
+    if _NOT_TEXT.search(content) is None:
+        return None
+    return content.encode("utf-8", "surrogatepass")
+
+
+def storable(values: Iterable[Any]) -> bool:
+    """Whether PostgreSQL takes every text among `values`, JSON texts included.
+
+    It refuses U+0000 (and unpaired surrogates) in text and jsonb; only message
+    content has a way around that (`content_raw`).
+    """
+    for value in values:
+        if isinstance(value, str) and ("\\u0000" in value or _NOT_TEXT.search(value) is not None):
+            return False
+    return True
+
+
+def message_arrays(messages: list[MessageCreate]) -> tuple[list[Any], ...]:
+    """The message arrays of `queries.APPEND` (role, content, content_raw, metadata, refs)."""
+    raw = [_raw_content(m.content) for m in messages]
+    return (
+        [m.role.value for m in messages],
+        [m.content if r is None else None for m, r in zip(messages, raw, strict=True)],
+        raw,
+        [dump(m.metadata) for m in messages],
+        [dump(m.references) for m in messages],
+    )
