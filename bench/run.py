@@ -5,7 +5,8 @@ data directory, the settings of `chatsessions serve`), drives the load with
 wrk or a few plain HTTP clients, and prints a Markdown table, also written to
 bench/results/latest.md. A rate is the median of BENCH_ROUNDS runs; a ratio is
 the median of the ratios measured within one round (both sides of a ratio
-always come from the same round, a minute apart at most). The parts marked
+always come from the same round, measured within about a minute). Other work on
+the machine moves rates by ±30 %: compare ratios and the CPU column. The parts marked
 "once" measure bounds, not rates, and run one round whatever BENCH_ROUNDS says.
 
 The store under test is chosen in one place, `Config.store` (BENCH_STORE, by
@@ -23,7 +24,8 @@ Parts (BENCH_ONLY=append,cpu,create,... runs a subset, in the order given):
            PostgreSQL store when a database answers (its own schema, dropped after);
 - cpu:     in-process (no HTTP) CPU time per append through the repository,
            64 tasks appending to 64 sessions with fsync=always: event loop and
-           writer thread together, against ~150 µs of the old file store;
+           writer thread together, against issue 9's ~150 µs for the old file
+           store (the same part run on the file store's last commit gave 52-69 µs);
 - create:  sessions created over HTTP (POST /v1/sessions, one fsync'd change
            each, group-committed) against appends on the same server;
 - length:  the append load on ONE session that holds 10, 10,000 or 100,000 messages;
@@ -31,8 +33,10 @@ Parts (BENCH_ONLY=append,cpu,create,... runs a subset, in the order given):
            session against those of a 10-message session;
 - scale:   200,000 sessions of 10,000 users (20 each): one user's listing
            (GET /v1/sessions?user_id=U), the first unfiltered page of 100, a
-           page of 100 after a cursor ~199,000 sessions deep, and /healthz
-           latency while four connections list the first page in a loop;
+           page of 100 after a cursor ~199,000 sessions deep (reached once by
+           walking next_cursor, so the bench knows nothing of the cursor's format),
+           and /healthz latency (a probe every 10 ms) while four wrk connections
+           list the first page in a loop;
 - startup: start-up of an empty store, a clean restart with the 200,000
            sessions, a clean stop (SIGTERM until the process exits, after a
            listing load) and a restart after kill -9 under an append load;
@@ -41,8 +45,9 @@ Parts (BENCH_ONLY=append,cpu,create,... runs a subset, in the order given):
            200 keyed appends of 1 MiB;
 - bigread: (once) 3 clients reading a session of 200 x 1 MiB messages at once,
            each following has_more page by page (limit=1000; pages stop at
-           CHATSESSIONS_MAX_PAGE_BYTES): peak RSS growth, and the latency of
-           appends to that session made meanwhile;
+           CHATSESSIONS_MAX_PAGE_BYTES) again and again while 8 wrk connections
+           append to that session for BENCH_SECONDS: the peak RSS growth (VmHWM,
+           reset before the reads) and the p99 of those appends;
 - memory:  (once) resident memory with 10,000 sessions x 30 messages (~90 MB, more
            than the default 64 MiB cache; 100 each took ~3 minutes to write through
            the store), after start and after reading 1,000 and then all 10,000 of them.
