@@ -129,6 +129,18 @@ def change_time(current: Session) -> datetime:
     return max(utcnow(), current.updated_at)
 
 
+def equalities(
+    args: list[Any], placeholder: Callable[[int], str], column: Callable[[str], str], **values: str | None
+) -> list[str]:
+    """`<column> = <placeholder>` for each value given (None: no condition); the values join `args`."""
+    found = []
+    for name, value in values.items():
+        if value is not None:
+            args.append(value)
+            found.append(f"{column(name)} = {placeholder(len(args))}")
+    return found
+
+
 def listing_sql(
     *,
     columns: str,
@@ -148,14 +160,14 @@ def listing_sql(
     """
     args: list[Any] = [tenant]
     where = [f"tenant = {placeholder(1)}"]
-    for column, value in (
-        ("user_id", filters.user_id),
-        ("document_id", filters.document_id),
-        ("section_id", filters.section_id),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} = {placeholder(len(args))}")
+    where += equalities(
+        args,
+        placeholder,
+        str,
+        user_id=filters.user_id,
+        document_id=filters.document_id,
+        section_id=filters.section_id,
+    )
     if filters.cited_doc_id is not None:
         args.append(filters.cited_doc_id)
         # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
@@ -216,13 +228,10 @@ def citations_sql(
     `(session_id, seq, created_at, ordinal, reference)`; ask for `limit + 1`.
     """
     args: list[Any] = [tenant, doc_id]
-    join = ""
     where = [f"c.tenant = {placeholder(1)}", f"c.doc_id = {placeholder(2)}"]
-    for column, value in (("user_id", filters.user_id), ("section_id", filters.section_id)):
-        if value is not None:
-            join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
-            args.append(value)
-            where.append(f"s.{column} = {placeholder(len(args))}")
+    on_session = equalities(args, placeholder, "s.{}".format, user_id=filters.user_id, section_id=filters.section_id)
+    join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id" if on_session else ""
+    where += on_session
     if cursor is not None:
         args += [moment(cursor.created_at), cursor.session_id, cursor.seq, cursor.ordinal]
         t, i, q, o = (placeholder(n) for n in range(len(args) - 3, len(args) + 1))

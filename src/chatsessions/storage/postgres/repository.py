@@ -430,16 +430,16 @@ class PostgresSessionRepository:
         tsquery = tsquery_literal(tenant, filters.role.value if filters.role else None, query)
         # The scoped words already keep to the tenant; the column check makes it exact.
         args: list[Any] = [tsquery, limit + 1, offset, tenant]
-        clauses = " AND m.tenant = $4"
-        for column, value in (
-            ("user_id", filters.user_id),
-            ("document_id", filters.document_id),
-            ("section_id", filters.section_id),
-        ):
-            if value is not None:
-                args.append(value)
-                clauses += f" AND s.{column} = ${len(args)}"
-        sql = q.SEARCH.format(join=q.SEARCH_JOIN if len(args) > 4 else "", filters=clauses)
+        on_session = common.equalities(
+            args,
+            lambda n: f"${n}",
+            "s.{}".format,
+            user_id=filters.user_id,
+            document_id=filters.document_id,
+            section_id=filters.section_id,
+        )
+        clauses = "".join(f" AND {c}" for c in ["m.tenant = $4", *on_session])
+        sql = q.SEARCH.format(join=q.SEARCH_JOIN if on_session else "", filters=clauses)
         async with self._connection() as conn:
             found = await conn.fetch(sql, *args)
         hits = [

@@ -62,6 +62,7 @@ from chatsessions.storage.common import (
     citation_listing,
     citations_sql,
     cited_doc_ids,
+    equalities,
     from_us,
     listing_page,
     listing_sql,
@@ -77,12 +78,6 @@ from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
 from chatsessions.text import SearchQuery, content_text, match_expression, scoped_words, snippet
 
 log = logging.getLogger("chatsessions.sqlite")
-
-
-def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
-    """` AND <alias>.<column> = ?` for each given filter, and the arguments."""
-    given = [(column, value) for column, value in equal.items() if value is not None]
-    return "".join(f" AND {alias}.{column} = ?" for column, _ in given), [value for _, value in given]
 
 
 READER_THREADS = 4
@@ -384,15 +379,21 @@ class SqliteSessionRepository:
         self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
     ) -> SearchResult:
         expression = match_expression(tenant, filters.role.value if filters.role else None, query)
-        clauses, args = _session_clauses(
-            "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
+        args: list[Any] = [expression, limit + 1, offset]
+        on_session = equalities(
+            args,
+            lambda n: f"?{n}",
+            "s.{}".format,
+            user_id=filters.user_id,
+            document_id=filters.document_id,
+            section_id=filters.section_id,
         )
-        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN if clauses else "", filters=clauses)
-        parameters = (expression, *args, limit + 1, offset)
+        clauses = "".join(f" AND {c}" for c in on_session)
+        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN if on_session else "", filters=clauses)
 
         def read(conn: apsw.Connection) -> list[SearchHit]:
             hits = []
-            for sid, seq, body in conn.execute(sql, parameters):
+            for sid, seq, body in conn.execute(sql, args):
                 message = rows.message_from(body)
                 text = content_text(message.content)
                 hits.append(

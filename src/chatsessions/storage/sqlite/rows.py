@@ -42,15 +42,16 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 DELETE_CITATIONS = "DELETE FROM citations WHERE session_pk = ?"
 # Search: FTS5 finds the tenant's matching messages (best first, bm25); the join adds the
-# session and its filters. `{filters}` holds ` AND s.<column> = ?` terms.
+# session and its filters. Arguments: the match expression, limit, offset, then what `{filters}`
+# (` AND s.<column> = ?n` terms) names.
 # Only (rowid, rank) of the matches are sorted; bodies are read for the page alone.
 SEARCH = """
 SELECT s.id, m.seq, m.body
 FROM (
     SELECT w.rowid AS hit, w.rank AS score FROM message_words w{join}
-    WHERE message_words MATCH ?{filters}
+    WHERE message_words MATCH ?1{filters}
     ORDER BY w.rank, w.rowid
-    LIMIT ? OFFSET ?
+    LIMIT ?2 OFFSET ?3
 ) h
 JOIN messages m ON m.rowid = h.hit
 JOIN sessions s ON s.pk = m.session_pk
