@@ -90,7 +90,7 @@ async def eventually(action: Callable[[], Awaitable[T]]) -> T:
 async def all_contents(repository: PostgresSessionRepository, session_id: str) -> list[tuple[int, str]]:
     items, more = await repository.list_messages(A, session_id, MessageQuery(limit=1000))
     assert not more
-    return [(m.seq, m.content) for m in items]
+    return [(m.seq, m.text) for m in items]
 
 
 @pytest_asyncio.fixture

@@ -246,7 +246,7 @@ async def test_a_page_stops_before_the_byte_limit(tmp_path: Path) -> None:
         after = 0
         while True:
             items, more = await repository.list_messages(T, "s", MessageQuery(after=after, limit=1000))
-            assert sum(len(m.content.encode()) for m in items) <= 10_000
+            assert sum(len(m.text.encode()) for m in items) <= 10_000
             assert len(items) == 2  # 4,000 bytes each: a third would pass 10,000
             seen += [m.seq for m in items]
             after = items[-1].seq

@@ -23,7 +23,33 @@ SESSION_COLUMNS = (
     "message_count, last_seq, version, created_at, updated_at"
 )
 _S_SESSION_COLUMNS = ", ".join(f"s.{column}" for column in SESSION_COLUMNS.split(", "))
-MESSAGE_COLUMNS = "seq, role, content, content_raw, created_at, metadata, refs"
+# The columns an append writes for each message, beside seq and the times, in `rows.message_arrays`
+# order, with their types (jsonb travels as text).
+MESSAGE_FIELDS = (
+    ("role", "text"),
+    ("content", "text"),
+    ("content_raw", "bytea"),
+    ("metadata", "jsonb"),
+    ("refs", "jsonb"),
+    ("parts", "jsonb"),
+    ("client_id", "text"),
+    ("name", "text"),
+    ("tool_calls", "jsonb"),
+    ("tool_call_id", "text"),
+    ("status", "text"),
+)
+_FIELD_NAMES = ", ".join(name for name, _ in MESSAGE_FIELDS)
+_FIELD_VALUES = ", ".join(f"m.{name}::jsonb" if kind == "jsonb" else f"m.{name}" for name, kind in MESSAGE_FIELDS)
+
+
+def _unnest(first: int) -> str:
+    """The array parameters of MESSAGE_FIELDS, numbered from `first`."""
+    return ", ".join(
+        f"${first + i}::{'text' if kind == 'jsonb' else kind}[]" for i, (_, kind) in enumerate(MESSAGE_FIELDS)
+    )
+
+
+MESSAGE_COLUMNS = f"seq, created_at, updated_at, {_FIELD_NAMES}"
 
 SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
 LOCK_SESSION = SELECT_SESSION + " FOR UPDATE"
@@ -117,12 +143,9 @@ WITH changed AS (
     RETURNING {SESSION_COLUMNS}
 ),
 added AS (
-    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
-    SELECT $1, $2, c.last_seq - $3::bigint + m.n, m.role, m.content, m.content_raw, c.updated_at,
-           m.metadata::jsonb, m.refs::jsonb
-    FROM changed c,
-         unnest($6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])
-             WITH ORDINALITY AS m(role, content, content_raw, metadata, refs, n)
+    INSERT INTO messages (tenant, session_id, seq, created_at, updated_at, {_FIELD_NAMES})
+    SELECT $1, $2, c.last_seq - $3::bigint + m.n, c.updated_at, c.updated_at, {_FIELD_VALUES}
+    FROM changed c, unnest({_unnest(6)}) WITH ORDINALITY AS m({_FIELD_NAMES}, n)
 )
 SELECT true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
@@ -156,12 +179,10 @@ changed AS (
     RETURNING l.i, l.n, s.tenant, {_S_SESSION_COLUMNS}
 ),
 added AS (
-    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
-    SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, m.role, m.content, m.content_raw, c.updated_at,
-           m.metadata::jsonb, m.refs::jsonb
+    INSERT INTO messages (tenant, session_id, seq, created_at, updated_at, {_FIELD_NAMES})
+    SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, c.updated_at, c.updated_at, {_FIELD_VALUES}
     FROM changed c
-    JOIN unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[], $12::text[])
-        AS m(i, ord, role, content, content_raw, metadata, refs) ON m.i = c.i
+    JOIN unnest($6::bigint[], $7::bigint[], {_unnest(8)}) AS m(i, ord, {_FIELD_NAMES}) ON m.i = c.i
 )
 SELECT i, true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
@@ -169,6 +190,9 @@ SELECT w.i, false, {_S_SESSION_COLUMNS}
 FROM wanted w JOIN sessions s ON s.tenant = w.tenant AND s.id = w.id
 WHERE NOT EXISTS (SELECT FROM changed c WHERE c.i = w.i)
 """
+
+# Arguments: tenant, id, client message ids. Run after LOCK_SESSION: no append slips in before the insert.
+FIND_CLIENT_IDS = "SELECT client_id, seq FROM messages WHERE tenant = $1 AND session_id = $2 AND client_id = ANY($3)"
 
 # Both run after LOCK_SESSION, in its transaction, so no append slips in between.
 CLEAR_MESSAGES = "DELETE FROM messages WHERE tenant = $1 AND session_id = $2"
@@ -194,8 +218,8 @@ ORDER BY m.seq {order}
 PAGE_ASC = _page_sql("ASC")
 PAGE_DESC = _page_sql("DESC")
 # Arguments: tenant, id, seq. No row: no session; a row of NULLs: no such message.
-GET_MESSAGE = """
-SELECT m.seq, m.role, m.content, m.content_raw, m.created_at, m.metadata, m.refs
+GET_MESSAGE = f"""
+SELECT {", ".join(f"m.{column}" for column in MESSAGE_COLUMNS.split(", "))}
 FROM sessions s
 LEFT JOIN messages m ON m.tenant = s.tenant AND m.session_id = s.id AND m.seq = $3
 WHERE s.tenant = $1 AND s.id = $2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -53,6 +52,7 @@ from chatsessions.storage.postgres.writer import (
     run_appends,
     run_creates,
 )
+from chatsessions.text import content_text
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -312,9 +312,12 @@ class PostgresSessionRepository:
     ) -> tuple[Session, list[Message]]:
         arrays = rows.message_arrays(messages)
         batchable, expected = _expected(if_match)
-        _, content, _, metadata, refs = arrays
-        if idempotency is None and batchable and rows.storable(itertools.chain(content, metadata, refs)):
-            weight = sum(len(m.content) + MESSAGE_WEIGHT for m in messages)
+        ids = common.message_ids(messages)
+        if ids:  # the ids are checked under the session's row lock, so no racing append takes one first
+            return await self._append_locked(tenant, session_id, messages, ids, arrays, if_match, idempotency)
+        texts = [value for column in (1, 3, 4, 5, 7, 8, 9) for value in arrays[column]]
+        if idempotency is None and batchable and rows.storable(texts):
+            weight = sum(len(content_text(m.content)) + MESSAGE_WEIGHT for m in messages)
             pending = PendingAppend(
                 tenant=tenant,
                 session_id=session_id,
@@ -342,16 +345,44 @@ class PostgresSessionRepository:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
                     result = self._appended(session_id, row, messages, if_match)
                     if result is not None:
-                        await self._store_answer(
-                            conn,
-                            tenant=tenant,
-                            key=idempotency.key,
-                            fingerprint=idempotency.fingerprint,
-                            answer=idempotency.render(*result),
-                        )
+                        await self._keep(conn, tenant, idempotency, result)
             if result is not None:
                 return result
         raise _lost_race(session_id)
+
+    async def _append_locked(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageCreate],
+        ids: list[str],
+        arrays: tuple[list[Any], ...],
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+    ) -> tuple[Session, list[Message]]:
+        """An append carrying client message ids: lock the session, check the ids, append, in one transaction."""
+        async with self._transaction() as conn:
+            await self._lock(conn, tenant, session_id, if_match)
+            found = await conn.fetch(q.FIND_CLIENT_IDS, tenant, session_id, ids)
+            common.check_message_ids(session_id, messages, {row["client_id"]: row["seq"] for row in found})
+            row = await conn.fetchrow(q.APPEND, tenant, session_id, len(messages), utcnow(), None, *arrays)
+            result = self._appended(session_id, row, messages, if_match)
+            if result is None:  # cannot happen: the row is locked by this transaction
+                raise _lost_race(session_id)
+            if idempotency is not None:
+                await self._keep(conn, tenant, idempotency, result)
+            return result
+
+    async def _keep(
+        self, conn: Conn, tenant: str, idempotency: IdempotencyRequest, result: tuple[Session, list[Message]]
+    ) -> None:
+        await self._store_answer(
+            conn,
+            tenant=tenant,
+            key=idempotency.key,
+            fingerprint=idempotency.fingerprint,
+            answer=idempotency.render(*result),
+        )
 
     @staticmethod
     def _appended(
