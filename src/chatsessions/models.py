@@ -178,17 +178,19 @@ def content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(part.text if isinstance(part, TextPart) else _text_of(part) for part in content)
+        return "\n".join(text for text in map(_text_of, content) if text is not None)
     return ""
 
 
-def _text_of(part: object) -> str:
-    # A part as JSON (a dict): text only from text parts, as from TextPart.
+def _text_of(part: object) -> str | None:
+    """The text of a text part (a TextPart, or one as JSON); None for any other part."""
+    if isinstance(part, TextPart):
+        return part.text
     if isinstance(part, dict) and part.get("type") == "text":
         text = part.get("text")
         if isinstance(text, str):
             return text
-    return ""
+    return None
 
 
 class FunctionCall(BaseModel):

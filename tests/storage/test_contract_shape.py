@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from chatsessions.errors import MessageExists
-from chatsessions.models import Message, MessageCreate, MessageQuery, MessageStatus, SessionCreate
+from chatsessions.models import Message, MessageCreate, MessageQuery, MessageStatus, SearchFilter, SessionCreate
 from chatsessions.storage.base import SessionRepository
+from chatsessions.text import SearchQuery
 
 pytestmark = pytest.mark.asyncio
 
@@ -172,3 +173,19 @@ async def test_messages_with_and_without_ids_interleave(repository: SessionRepos
     stored = await history(repository)
     assert [m.seq for m in stored] == list(range(1, 21))
     assert sorted(m.id for m in stored if m.id is not None) == sorted(f"m{i}" for i in range(1, 20, 2))
+
+
+async def test_search_finds_the_words_of_text_parts_only(repository: SessionRepository) -> None:
+    await new_session(repository)
+    parts = [{"type": "text", "text": "zebra crossing"}, {"type": "image", "url": "https://x/quokka.png"}]
+    await repository.append_messages(A, "s", creates([{"role": "user", "content": parts}, *CONVERSATION]))
+
+    async def seqs(q: str) -> list[int]:
+        found = await repository.search(A, SearchQuery.parse(q), filters=SearchFilter(), limit=10, offset=0)
+        return [hit.seq for hit in found.items]
+
+    assert await seqs("zebra") == [1]
+    assert await seqs("quokka") == []
+    assert await seqs("photo taken") == [4]  # the text part of a user message with images
+    hit = (await repository.search(A, SearchQuery.parse("zebra"), filters=SearchFilter(), limit=1, offset=0)).items[0]
+    assert hit.snippet == "zebra crossing"

@@ -24,7 +24,7 @@ SESSION_COLUMNS = (
 )
 _S_SESSION_COLUMNS = ", ".join(f"s.{column}" for column in SESSION_COLUMNS.split(", "))
 # The columns an append writes for each message, beside seq and the times, in `rows.message_arrays`
-# order, with their types (jsonb travels as text).
+# order, with their types (jsonb and tsvector travel as text).
 MESSAGE_FIELDS = (
     ("role", "text"),
     ("content", "text"),
@@ -37,19 +37,22 @@ MESSAGE_FIELDS = (
     ("tool_calls", "jsonb"),
     ("tool_call_id", "text"),
     ("status", "text"),
+    ("words", "tsvector"),
 )
+_AS_TEXT = ("jsonb", "tsvector")
 _FIELD_NAMES = ", ".join(name for name, _ in MESSAGE_FIELDS)
-_FIELD_VALUES = ", ".join(f"m.{name}::jsonb" if kind == "jsonb" else f"m.{name}" for name, kind in MESSAGE_FIELDS)
+_FIELD_VALUES = ", ".join(f"m.{name}::{kind}" if kind in _AS_TEXT else f"m.{name}" for name, kind in MESSAGE_FIELDS)
 
 
 def _unnest(first: int) -> str:
     """The array parameters of MESSAGE_FIELDS, numbered from `first`."""
     return ", ".join(
-        f"${first + i}::{'text' if kind == 'jsonb' else kind}[]" for i, (_, kind) in enumerate(MESSAGE_FIELDS)
+        f"${first + i}::{'text' if kind in _AS_TEXT else kind}[]" for i, (_, kind) in enumerate(MESSAGE_FIELDS)
     )
 
 
-MESSAGE_COLUMNS = f"seq, created_at, updated_at, {_FIELD_NAMES}"
+# What a read gives of a message (not its words).
+MESSAGE_COLUMNS = "seq, created_at, updated_at, " + ", ".join(name for name, _ in MESSAGE_FIELDS if name != "words")
 
 SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
 LOCK_SESSION = SELECT_SESSION + " FOR UPDATE"
@@ -194,6 +197,30 @@ WHERE NOT EXISTS (SELECT FROM changed c WHERE c.i = w.i)
 # Arguments: tenant, id, client message ids. Run after LOCK_SESSION: no append slips in before the insert.
 FIND_CLIENT_IDS = "SELECT client_id, seq FROM messages WHERE tenant = $1 AND session_id = $2 AND client_id = ANY($3)"
 
+# Arguments: tenant, session id, created_at, then `rows.citation_arrays`. Runs in the append's
+# transaction, after APPEND (citations reference their message).
+INSERT_CITATIONS = """
+INSERT INTO citations (tenant, session_id, created_at, seq, ordinal, doc_id, reference)
+SELECT $1, $2, $3, c.seq, c.ordinal, c.doc_id, c.reference::jsonb
+FROM unnest($4::bigint[], $5::integer[], $6::text[], $7::text[]) AS c(seq, ordinal, doc_id, reference)
+"""
+
+# Arguments: the tsquery (rows.tsquery_literal), limit, offset, then the session filters. Only
+# (session, seq, rank) of the matches are sorted; contents are read for the page alone.
+SEARCH = """
+SELECT m.session_id, m.seq, m.role, m.created_at, m.content, m.content_raw, m.parts
+FROM (
+    SELECT m.tenant, m.session_id, m.seq, ts_rank(m.words, $1::tsquery) AS score
+    FROM messages m{join}
+    WHERE m.words @@ $1::tsquery{filters}
+    ORDER BY score DESC, m.session_id, m.seq
+    LIMIT $2 OFFSET $3
+) h
+JOIN messages m ON m.tenant = h.tenant AND m.session_id = h.session_id AND m.seq = h.seq
+ORDER BY h.score DESC, h.session_id, h.seq
+"""
+SEARCH_JOIN = " JOIN sessions s ON s.tenant = m.tenant AND s.id = m.session_id"
+
 # Both run after LOCK_SESSION, in its transaction, so no append slips in between.
 CLEAR_MESSAGES = "DELETE FROM messages WHERE tenant = $1 AND session_id = $2"
 # Arguments: tenant, id, version, updated_at.
@@ -201,14 +228,31 @@ CLEAR_COUNTERS = "UPDATE sessions SET message_count = 0, version = $3, updated_a
 
 
 def _page_sql(order: str) -> str:
-    # One statement, one snapshot: whether the session exists and its page agree.
+    # One statement, one snapshot: whether the session exists and its page agree. Arguments:
+    # tenant, id, after, before, limit, most content bytes. `kept` says whether a message is in
+    # the page: the first always is, a later one while the running total of content bytes stays
+    # within the bound; the content of a message left out is not sent (octet_length does not
+    # read a value that was moved out of line).
     return f"""
-SELECT m.*
+SELECT m.seq, m.role, m.created_at, m.updated_at, m.metadata, m.refs, m.kept, m.client_id, m.name,
+       m.tool_calls, m.tool_call_id, m.status,
+       CASE WHEN m.kept THEN m.content END AS content, CASE WHEN m.kept THEN m.content_raw END AS content_raw,
+       CASE WHEN m.kept THEN m.parts END AS parts
 FROM sessions s
 LEFT JOIN LATERAL (
-    SELECT {MESSAGE_COLUMNS} FROM messages
-    WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
-    ORDER BY seq {order} LIMIT $5
+    SELECT p.*, (p.n = 1 OR p.running <= $6) AS kept
+    FROM (
+        SELECT {MESSAGE_COLUMNS},
+               row_number() OVER w AS n,
+               sum(coalesce(octet_length(content), octet_length(content_raw), octet_length(parts::text), 0))
+                   OVER w AS running
+        FROM (
+            SELECT {MESSAGE_COLUMNS} FROM messages
+            WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
+            ORDER BY seq {order} LIMIT $5
+        ) page
+        WINDOW w AS (ORDER BY seq {order})
+    ) p
 ) m ON true
 WHERE s.tenant = $1 AND s.id = $2
 ORDER BY m.seq {order}

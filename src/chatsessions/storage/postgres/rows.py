@@ -12,6 +12,8 @@ import asyncpg
 from pydantic import BaseModel
 
 from chatsessions.models import Message, MessageCreate, Role, Session
+from chatsessions.storage.common import cited_doc_ids
+from chatsessions.text import content_text, index_words, tsvector_literal
 
 # What PostgreSQL text cannot hold: NUL, and (not being UTF-8) unpaired surrogates.
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -53,16 +55,12 @@ def session_from(row: asyncpg.Record) -> Session:
 
 def message_from(row: asyncpg.Record) -> Message:
     """A message from a row holding `queries.MESSAGE_COLUMNS`."""
-    content: Any = row["content"]
-    if content is None:
-        raw = row["content_raw"]
-        content = raw.decode("utf-8", "surrogatepass") if raw is not None else load(row["parts"])
     return Message.model_validate(
         {
             "seq": row["seq"],
             "id": row["client_id"],
             "role": Role(row["role"]),
-            "content": content,
+            "content": content_of(row),
             "name": row["name"],
             "tool_calls": load(row["tool_calls"]),
             "tool_call_id": row["tool_call_id"],
@@ -123,7 +121,7 @@ def storable(values: Iterable[Any]) -> bool:
     return True
 
 
-def message_arrays(messages: list[MessageCreate]) -> tuple[list[Any], ...]:
+def message_arrays(tenant: str, messages: list[MessageCreate]) -> tuple[list[Any], ...]:
     """The message arrays of `queries.APPEND`, one per `queries.MESSAGE_FIELDS`."""
     raw = [_raw_content(m.content) if isinstance(m.content, str) else None for m in messages]
     return (
@@ -138,8 +136,32 @@ def message_arrays(messages: list[MessageCreate]) -> tuple[list[Any], ...]:
         [_dump_models(m.tool_calls) for m in messages],
         [m.tool_call_id for m in messages],
         [m.status.value for m in messages],
+        [_words(tenant, m) for m in messages],
     )
 
 
 def _dump_models(models: Sequence[BaseModel] | None) -> str | None:
     return None if models is None else dump([model.model_dump(mode="json") for model in models])
+
+
+def _words(tenant: str, message: MessageCreate) -> str | None:
+    found = index_words(content_text(message.content))
+    return tsvector_literal(tenant, message.role.value, found) if found else None
+
+
+def citation_arrays(messages: list[Message]) -> tuple[list[Any], ...]:
+    """The arrays of `queries.INSERT_CITATIONS` after (tenant, session id): seq, ordinal, doc_id, reference."""
+    found = [
+        (m.seq, ordinal, doc_id, dump(ref)) for m in messages for ordinal, doc_id, ref in cited_doc_ids(m.references)
+    ]
+    return tuple(list(column) for column in zip(*found, strict=True)) if found else ([], [], [], [])
+
+
+def content_of(row: asyncpg.Record) -> Any:
+    """A message row's content: text, the bytes text could not hold, a list of parts (JSON), or None."""
+    content: str | None = row["content"]
+    if content is not None:
+        return content
+    if row["content_raw"] is not None:
+        return bytes(row["content_raw"]).decode("utf-8", "surrogatepass")
+    return load(row["parts"])
