@@ -85,11 +85,13 @@ class SessionSettings(BaseModel):
 # --- message content and tool calls (DESIGN.md "Messages as LLM APIs shape them") ---
 
 MESSAGE_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MESSAGE_ID_RE = re.compile(MESSAGE_ID_PATTERN)
 MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
 # `name` and `tool_call_id`: participant names and OpenAI's call ids are short.
 ShortName = Annotated[str, StringConstraints(max_length=256)]
 MAX_PARTS = 100
 MAX_TOOL_CALLS = 128
+MAX_BATCH = 100  # messages of one batch append
 
 
 def _is_none(value: object) -> bool:
@@ -296,7 +298,7 @@ class MessageBatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: Annotated[list[MessageCreate], Field(min_length=1, max_length=100)]
+    messages: Annotated[list[MessageCreate], Field(min_length=1, max_length=MAX_BATCH)]
 
 
 # --- outputs --------------------------------------------------------------
