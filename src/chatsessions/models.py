@@ -17,10 +17,12 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     JsonValue,
     SerializerFunctionWrapHandler,
     StringConstraints,
+    Tag,
     TypeAdapter,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -151,15 +153,30 @@ _PART_ADAPTERS: dict[str, TypeAdapter[Any]] = {
 _OTHER_PART: TypeAdapter[OtherPart] = TypeAdapter(OtherPart)
 
 
+def _part_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if isinstance(kind, str) and kind in _PART_ADAPTERS else "other"
+
+
 def _validate_part(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # Dispatch on `type` by hand: a tagged union would put its tag into every error's loc.
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    adapter = _PART_ADAPTERS.get(kind, _OTHER_PART) if isinstance(kind, str) else _OTHER_PART
-    return adapter.validate_python(value)
+    return _PART_ADAPTERS.get(_part_kind(value), _OTHER_PART).validate_python(value)
 
 
 ContentPart = Annotated[TextPart | ImagePart | FilePart | OtherPart, WrapValidator(_validate_part)]
 ContentParts = Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
+# The same rules as a tagged union dispatched in pydantic-core: the fast path. Its errors carry
+# the tag in their loc, so a list it refuses is validated again by `_PARTS` for the errors.
+_TAGGED_PART = Annotated[
+    Annotated[TextPart, Tag("text")]
+    | Annotated[ImagePart, Tag("image")]
+    | Annotated[FilePart, Tag("file")]
+    | Annotated[OtherPart, Tag("other")],
+    Discriminator(_part_kind),
+]
+_PARTS_FAST: TypeAdapter[list[Any]] = TypeAdapter(
+    Annotated[list[_TAGGED_PART], Field(min_length=1, max_length=MAX_PARTS)]
+)
 _PARTS: TypeAdapter[list[Any]] = TypeAdapter(ContentParts)
 
 
@@ -168,7 +185,10 @@ def _validate_content(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _PARTS.validate_python(value)
+        try:
+            return _PARTS_FAST.validate_python(value)
+        except ValidationError:
+            return _PARTS.validate_python(value)  # raises, with each error at its field
     raise PydanticCustomError("content_type", "Input should be a string, a list of content parts, or null")
 
 
