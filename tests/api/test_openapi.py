@@ -33,6 +33,8 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("get", MSGS): ({"200"}, {"404", "422"}),
     ("get", MSGS + "/{seq}"): ({"200"}, {"404", "422"}),
     ("delete", MSGS): ({"204"}, {"404", "412"}),
+    ("delete", S): ({"200"}, {"422"}),
+    ("delete", MSGS + "/{seq}"): ({"204"}, {"404", "412"}),
     ("get", "/v1/search"): ({"200"}, {"422"}),
     ("get", "/v1/citations"): ({"200"}, {"422"}),
     ("get", "/healthz"): ({"200"}, set()),
@@ -50,11 +52,19 @@ MODELS: dict[tuple[str, str], str] = {
     ("post", MSGS + "/batch"): "MessageBatch",
     ("get", MSGS): "MessagePage",
     ("get", MSGS + "/{seq}"): "Message",
+    ("delete", S): "DeletedCount",
     ("get", "/v1/search"): "SearchPage",
     ("get", "/v1/citations"): "CitationPage",
 }
 
-IF_MATCH = {("patch", ONE), ("delete", ONE), ("post", MSGS), ("post", MSGS + "/batch"), ("delete", MSGS)}
+IF_MATCH = {
+    ("patch", ONE),
+    ("delete", ONE),
+    ("post", MSGS),
+    ("post", MSGS + "/batch"),
+    ("delete", MSGS),
+    ("delete", MSGS + "/{seq}"),
+}
 IDEMPOTENT = {("post", S), ("post", MSGS), ("post", MSGS + "/batch")}
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 

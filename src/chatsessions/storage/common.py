@@ -28,6 +28,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def new_session(data: SessionCreate, *, session_id: str | None = None, now: datetime) -> Session:
     return Session(
+        expires_at=data.expires_at,
+        pinned=data.pinned,
         id=session_id or data.id or str(uuid.uuid4()),
         user_id=data.user_id,
         document_id=data.document_id,
@@ -65,6 +67,12 @@ def after_append(session: Session, added: int, *, now: datetime) -> Session:
             "version": session.version + 1,
             "updated_at": now,
         }
+    )
+
+
+def after_message_deleted(session: Session, *, now: datetime) -> Session:
+    return session.model_copy(
+        update={"message_count": session.message_count - 1, "version": session.version + 1, "updated_at": now}
     )
 
 
@@ -134,6 +142,7 @@ def listing_sql(
     placeholder: Callable[[int], str],
     moment: Callable[[datetime], Any],
     tenant: str,
+    alive: tuple[str, list[Any]] = ("", []),
 ) -> tuple[str, list[Any]]:
     """SQL and arguments of one listing page over `sessions`: newest `updated_at` first, ties by id.
 
@@ -141,6 +150,8 @@ def listing_sql(
     and the cursor bounds the index scan, so a deep page costs no more than the first.
     `placeholder(n)` spells the n-th parameter (`$n`, `?n`); `moment` converts a timestamp to
     the column's type. Ask for `limit + 1` rows to learn whether another page follows.
+    `alive` is the backend's condition for a session that has not expired, `{0}`, `{1}`...
+    standing for its arguments.
     """
     args: list[Any] = [tenant]
     where = [f"tenant = {placeholder(1)}"]
@@ -152,6 +163,14 @@ def listing_sql(
         if value is not None:
             args.append(value)
             where.append(f"{column} = {placeholder(len(args))}")
+    if filters.pinned is not None:
+        where.append("pinned" if filters.pinned else "NOT pinned")
+    if alive[0]:
+        numbers = []
+        for value in alive[1]:
+            args.append(value)
+            numbers.append(placeholder(len(args)))
+        where.append(alive[0].format(*numbers))
     if filters.cited_doc_id is not None:
         args.append(filters.cited_doc_id)
         # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
