@@ -1,4 +1,4 @@
-"""`chatsessions serve | check` — the command line."""
+"""`chatsessions serve | check | backup | keys | export | import` — the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from chatsessions.cli_keys import add_keys_commands, keys_command, serve_refusal
+from chatsessions.cli_transfer import add_transfer_commands, transfer_command
 from chatsessions.config import Settings, StoreKind
 
 # Flag name → settings field; each flag overrides its CHATSESSIONS_* variable.
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     backup.add_argument("dest", type=Path, help="a new or empty directory")
     add_keys_commands(commands)
+    add_transfer_commands(commands)
     return parser
 
 
@@ -162,7 +164,14 @@ def backup(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": serve, "check": check, "backup": backup, "keys": keys_command}
+    handlers = {
+        "serve": serve,
+        "check": check,
+        "backup": backup,
+        "keys": keys_command,
+        "export": transfer_command,
+        "import": transfer_command,
+    }
     return handlers[args.command](args)
 
 

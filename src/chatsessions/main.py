@@ -23,6 +23,7 @@ from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
 from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
+from chatsessions.api.transfer import IMPORT_PATH, build_transfer_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.storage.base import SessionRepository, StoreObserver
 
@@ -97,17 +98,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
             {"name": "messages", "description": "Append to and page through a session's history."},
             {"name": "search", "description": "Full-text search of messages, and the citations index."},
+            {"name": "transfer", "description": "Export and import of sessions as NDJSON."},
             {"name": "health", "description": "Probes for orchestrators."},
         ],
     )
     install_problem_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=resolved.max_body_bytes,
+        path_limits={IMPORT_PATH: resolved.max_import_bytes},
+    )
     # The hot path first, before even /openapi.json: the router tries routes in order.
     app.router.routes[0:0] = append_routes()
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
+    app.include_router(build_transfer_router())
     app.include_router(health.router)
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]

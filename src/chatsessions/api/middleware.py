@@ -16,30 +16,32 @@ class BodyTooLarge(HTTPException):
 class BodyLimitMiddleware:
     """Answer 413 for a declared Content-Length over the limit without reading a byte;
     otherwise count the chunks as they arrive (chunked bodies included) and stop at
-    the first byte over the limit."""
+    the first byte over the limit. `path_limits` gives paths a limit of their own
+    (the streamed import)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
-        self.limit = max_body_bytes
+        self.default_limit = max_body_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope["path"], self.default_limit)
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared > self.limit:
-                    response = problem_response(413, f"the request body exceeds {self.limit} bytes")
+                if declared > limit:
+                    response = problem_response(413, f"the request body exceeds {limit} bytes")
                     response.headers["Connection"] = "close"
                     await response(scope, receive, send)
                     return
                 break
         received = 0
-        limit = self.limit
 
         async def limited_receive() -> Message:
             nonlocal received
