@@ -43,7 +43,7 @@ async def build_repository(settings: Settings, observer: StoreObserver | None = 
         return await SqliteSessionRepository.open(settings, observer=observer)
     from chatsessions.storage.postgres import PostgresSessionRepository
 
-    return await PostgresSessionRepository.open(settings)
+    return await PostgresSessionRepository.open(settings, observer=observer)
 
 
 def _problem_openapi(app: FastAPI) -> dict[str, Any]:

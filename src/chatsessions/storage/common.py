@@ -9,6 +9,10 @@ from typing import Any
 
 from chatsessions.errors import PreconditionFailed
 from chatsessions.models import (
+    Citation,
+    CitationCursor,
+    CitationFilter,
+    CitationListing,
     Message,
     MessageCreate,
     MessageQuery,
@@ -133,6 +137,15 @@ def change_time(current: Session) -> datetime:
     return max(utcnow(), current.updated_at)
 
 
+def _alive_clause(alive: tuple[str, list[Any]], args: list[Any], placeholder: Callable[[int], str]) -> str:
+    """A backend's "not expired" condition with its arguments appended to `args` (`{0}`, `{1}`... in it)."""
+    numbers = []
+    for value in alive[1]:
+        args.append(value)
+        numbers.append(placeholder(len(args)))
+    return alive[0].format(*numbers)
+
+
 def listing_sql(
     *,
     columns: str,
@@ -166,11 +179,7 @@ def listing_sql(
     if filters.pinned is not None:
         where.append("pinned" if filters.pinned else "NOT pinned")
     if alive[0]:
-        numbers = []
-        for value in alive[1]:
-            args.append(value)
-            numbers.append(placeholder(len(args)))
-        where.append(alive[0].format(*numbers))
+        where.append(_alive_clause(alive, args, placeholder))
     if filters.cited_doc_id is not None:
         args.append(filters.cited_doc_id)
         # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
@@ -212,3 +221,55 @@ def cited_doc_ids(references: list[Any] | None) -> list[tuple[int, str, Any]]:
         for i, ref in enumerate(references or [])
         if isinstance(ref, dict) and isinstance(ref.get("doc_id"), str)
     ]
+
+
+def citations_sql(
+    *,
+    tenant: str,
+    doc_id: str,
+    filters: CitationFilter,
+    limit: int,
+    cursor: CitationCursor | None,
+    placeholder: Callable[[int], str],
+    moment: Callable[[datetime], Any],
+    alive: tuple[str, list[Any]] = ("", []),
+) -> tuple[str, list[Any]]:
+    """SQL and arguments of one citations page: newest first, then session id, seq and reference index.
+
+    Both backends keep `citations (tenant, doc_id, created_at, session_id, seq, ordinal, reference)`
+    under an index in exactly that order, so a page is one range scan. Rows are
+    `(session_id, seq, created_at, ordinal, reference)`; ask for `limit + 1`.
+    """
+    args: list[Any] = [tenant, doc_id]
+    join = ""
+    where = [f"c.tenant = {placeholder(1)}", f"c.doc_id = {placeholder(2)}"]
+    for column, value in (("user_id", filters.user_id), ("section_id", filters.section_id)):
+        if value is not None:
+            join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
+            args.append(value)
+            where.append(f"s.{column} = {placeholder(len(args))}")
+    if alive[0]:  # the citing session has not expired (`alive` as in `listing_sql`, on `s.`)
+        join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
+        where.append(_alive_clause(alive, args, placeholder))
+    if cursor is not None:
+        args += [moment(cursor.created_at), cursor.session_id, cursor.seq, cursor.ordinal]
+        t, i, q, o = (placeholder(n) for n in range(len(args) - 3, len(args) + 1))
+        where.append(
+            f"c.created_at <= {t} AND (c.created_at < {t} OR (c.session_id, c.seq, c.ordinal) > ({i}, {q}, {o}))"
+        )
+    args.append(limit)
+    sql = (
+        f"SELECT c.session_id, c.seq, c.created_at, c.ordinal, c.reference FROM citations c{join} "
+        f"WHERE {' AND '.join(where)} ORDER BY c.created_at DESC, c.session_id, c.seq, c.ordinal "
+        f"LIMIT {placeholder(len(args))}"
+    )
+    return sql, args
+
+
+def citation_listing(found: list[tuple[Citation, int]], limit: int) -> CitationListing:
+    """The listing of up to `limit` citations out of `found` (fetched with `limit + 1`, with their ordinals)."""
+    page = [citation for citation, _ in found[:limit]]
+    if len(found) <= limit or not page:
+        return CitationListing(page, None)
+    last, ordinal = found[limit - 1]
+    return CitationListing(page, CitationCursor(last.created_at, last.session_id, last.seq, ordinal))
