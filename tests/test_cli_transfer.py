@@ -33,7 +33,7 @@ async def run(command: str | list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("target", ["sqlite"])  # postgres joins with its lifecycle
+@pytest.mark.parametrize("target", ["sqlite", "postgres"])
 async def test_export_piped_into_import_migrates_the_store(tmp_path: Path, target: str) -> None:
     source = make_settings("sqlite", tmp_path / "source")
     repository = await build_repository(source)

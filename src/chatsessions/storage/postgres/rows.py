@@ -48,6 +48,8 @@ def session_from(row: asyncpg.Record) -> Session:
             "version": row["version"],
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
+            "expires_at": row["expires_at"],
+            "pinned": row["pinned"],
         }
     )
 
@@ -79,6 +81,8 @@ def session_values(session: Session) -> tuple[Any, ...]:
         session.version,
         session.created_at,
         session.updated_at,
+        session.expires_at,
+        session.pinned,
     )
 
 
@@ -91,6 +95,8 @@ def session_links(session: Session) -> tuple[Any, ...]:
         session.title,
         dump(session.settings.model_dump(mode="json")),
         dump(session.metadata),
+        session.expires_at,
+        session.pinned,
     )
 
 
@@ -126,7 +132,32 @@ def message_arrays(tenant: str, messages: list[MessageCreate]) -> tuple[list[Any
     )
 
 
-def _words(tenant: str, message: MessageCreate) -> str | None:
+def imported_arrays(tenant: str, messages: list[Message]) -> tuple[list[Any], ...]:
+    """The arrays of `queries.IMPORT_MESSAGES` after (tenant, session id)."""
+    raw = [_raw_content(m.content) for m in messages]
+    return (
+        [m.seq for m in messages],
+        [m.role.value for m in messages],
+        [m.content if r is None else None for m, r in zip(messages, raw, strict=True)],
+        raw,
+        [m.created_at for m in messages],
+        [dump(m.metadata) for m in messages],
+        [dump(m.references) for m in messages],
+        [_words(tenant, m) for m in messages],
+    )
+
+
+def imported_citations(messages: list[Message]) -> tuple[list[Any], ...]:
+    """The arrays of `queries.IMPORT_CITATIONS` after (tenant, session id)."""
+    found = [
+        (m.seq, m.created_at, ordinal, doc_id, dump(ref))
+        for m in messages
+        for ordinal, doc_id, ref in cited_doc_ids(m.references)
+    ]
+    return tuple(list(column) for column in zip(*found, strict=True)) if found else ([], [], [], [], [])
+
+
+def _words(tenant: str, message: MessageCreate | Message) -> str | None:
     found = index_words(content_text(message.content))
     return tsvector_literal(tenant, message.role.value, found) if found else None
 
