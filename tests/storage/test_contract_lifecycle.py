@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +172,16 @@ async def test_expires_at_and_pinned_are_kept_and_patched(repo: SessionRepositor
     assert [s.id for s in unpinned.items] == ["s"]
 
 
-async def _expire_soon(repo: SessionRepository, sid: str, tenant: str = A) -> None:
-    """A session that expires a moment from now, with a message that cites a document."""
-    soon = utcnow() + timedelta(milliseconds=300)
+async def _expire_soon(repo: SessionRepository, sid: str, tenant: str = A) -> datetime:
+    """A session that expires a moment from now, with a message that cites a document; when it expires."""
+    soon = utcnow() + timedelta(seconds=1)
     await make(repo, sid, tenant, expires_at=soon.isoformat(), user_id="u")
     await repo.append_messages(tenant, sid, say("ephemeral words", references=[{"doc_id": "d"}]))
+    return soon
+
+
+async def _until(moment: datetime) -> None:
+    await asyncio.sleep(max(0.0, (moment - utcnow()).total_seconds()) + 0.05)
 
 
 async def _assert_gone(repo: SessionRepository, sid: str) -> None:
@@ -204,10 +209,11 @@ async def _assert_gone(repo: SessionRepository, sid: str) -> None:
 
 
 async def test_an_expired_session_is_gone_from_every_read_at_once(repo: SessionRepository) -> None:
-    await _expire_soon(repo, "gone")
+    expiry = await _expire_soon(repo, "gone")
     await make(repo, "kept")
-    assert await repo.get_session(A, "gone") is not None
-    await asyncio.sleep(0.4)
+    if utcnow() < expiry - timedelta(milliseconds=100):  # a loaded machine may take longer
+        assert await repo.get_session(A, "gone") is not None
+    await _until(expiry)
     await _assert_gone(repo, "gone")
     assert await repo.get_session(A, "kept") is not None
     # Its id is free again: a create makes a new session, not a 409.
@@ -217,14 +223,13 @@ async def test_an_expired_session_is_gone_from_every_read_at_once(repo: SessionR
 
 
 async def test_the_idle_rule_expires_unpinned_sessions(open_repository: Opener) -> None:
-    repo: SessionRepository = await open_repository(retention_idle_seconds=0.3)
-    await make(repo, "idle")
+    repo: SessionRepository = await open_repository(retention_idle_seconds=1.0)
+    idle = await make(repo, "idle")
     await make(repo, "pinned", pinned=True)
     await make(repo, "busy")
-    for _ in range(4):
-        await asyncio.sleep(0.1)
+    while utcnow() < idle.updated_at + timedelta(seconds=1.1):
+        await asyncio.sleep(0.2)
         await repo.append_messages(A, "busy", say("still here"))
-    await asyncio.sleep(0.1)
     assert await repo.get_session(A, "idle") is None
     assert await repo.get_session(A, "pinned") is not None
     assert await repo.get_session(A, "busy") is not None
@@ -235,10 +240,9 @@ async def test_the_idle_rule_expires_unpinned_sessions(open_repository: Opener) 
 
 
 async def test_the_purge_removes_expired_sessions_and_only_them(repo: SessionRepository) -> None:
-    for i in range(3):
-        await _expire_soon(repo, f"e{i}")
+    expiries = [await _expire_soon(repo, f"e{i}") for i in range(3)]
     await make(repo, "kept")
-    await asyncio.sleep(0.4)
+    await _until(max(expiries))
     assert await repo.purge() == 3
     assert await repo.purge() == 0
     assert await repo.get_session(A, "kept") is not None
