@@ -15,6 +15,7 @@ from chatsessions.errors import MessageNotFound, PreconditionFailed, SessionExis
 from chatsessions.models import (
     CitationFilter,
     ExportFilter,
+    IdempotencyRequest,
     ImportOutcome,
     Message,
     MessageCreate,
@@ -27,6 +28,7 @@ from chatsessions.models import (
     SessionCreate,
     SessionFilter,
     SessionPatch,
+    StoredResponse,
     utcnow,
 )
 from chatsessions.storage.base import SessionRepository
@@ -311,3 +313,51 @@ async def test_export_pages_in_id_order_with_filters(repo: SessionRepository) ->
     assert [s.id for s in mine] == ["b", "c"]
     one = await repo.export_sessions(A, filters=ExportFilter(session_id="c", document_id="d"), after=None, limit=10)
     assert [s.id for s in one] == ["c"]
+
+
+# --- stored answers go with the content they held ------------------------------------------------
+
+
+def _render(session: Session, messages: list[Message]) -> StoredResponse:
+    return StoredResponse(201, b"".join(m.model_dump_json().encode() for m in messages), {})
+
+
+async def _answered_append(repo: SessionRepository, sid: str, key: str) -> None:
+    await make(repo, sid, user_id="eraseme")
+    request = IdempotencyRequest(key=key, fingerprint="f", render=_render)
+    assert await repo.idempotency_begin(A, key, "f") is None
+    await repo.append_messages(A, sid, say("secret words"), idempotency=request)
+    assert await repo.idempotency_begin(A, key, "f") is not None  # the answer is stored
+
+
+async def _answer_gone(repo: SessionRepository, key: str) -> bool:
+    found = await repo.idempotency_begin(A, key, "f")
+    await repo.idempotency_finish(A, key, None)
+    return found is None
+
+
+async def test_stored_answers_go_with_a_deletion_clear_or_erasure(repo: SessionRepository) -> None:
+    await _answered_append(repo, "d", "k-delete")
+    await repo.delete_session(A, "d")
+    assert await _answer_gone(repo, "k-delete")
+
+    await _answered_append(repo, "c", "k-clear")
+    await repo.clear_messages(A, "c")
+    assert await _answer_gone(repo, "k-clear")
+
+    await _answered_append(repo, "m", "k-message")
+    await repo.delete_message(A, "m", 1)
+    assert await _answer_gone(repo, "k-message")
+
+    await _answered_append(repo, "e", "k-erase")
+    await repo.delete_sessions(A, user_id="eraseme")
+    assert await _answer_gone(repo, "k-erase")
+
+
+async def test_stored_answers_go_with_an_expired_session_at_the_purge(repo: SessionRepository) -> None:
+    await _answered_append(repo, "y", "k-idle")
+    await repo.patch_session(A, "y", SessionPatch(expires_at=utcnow() + timedelta(seconds=1)))
+    await _until(utcnow() + timedelta(seconds=1))
+    assert await repo.purge() == 1
+    assert await _answer_gone(repo, "k-idle")
+    assert await repo.purge() == 0
