@@ -547,8 +547,9 @@ class PostgresSessionRepository:
         self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
     ) -> SearchResult:
         tsquery = tsquery_literal(tenant, filters.role.value if filters.role else None, query)
-        args: list[Any] = [tsquery, limit + 1, offset]
-        clauses = ""
+        # The scoped words already keep to the tenant; the column check makes it exact.
+        args: list[Any] = [tsquery, limit + 1, offset, tenant]
+        clauses = " AND m.tenant = $4"
         for column, value in (
             ("user_id", filters.user_id),
             ("document_id", filters.document_id),

@@ -12,7 +12,7 @@ import asyncpg
 
 from chatsessions.models import Message, MessageCreate, Role, Session
 from chatsessions.storage.common import cited_doc_ids
-from chatsessions.text import content_text, index_words, tsvector_literal
+from chatsessions.text import content_text, scoped_words, tsvector_literal
 
 # What PostgreSQL text cannot hold: NUL, and (not being UTF-8) unpaired surrogates.
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -158,8 +158,8 @@ def imported_citations(messages: list[Message]) -> tuple[list[Any], ...]:
 
 
 def _words(tenant: str, message: MessageCreate | Message) -> str | None:
-    found = index_words(content_text(message.content))
-    return tsvector_literal(tenant, message.role.value, found) if found else None
+    found = scoped_words(tenant, message.role.value, content_text(message.content))
+    return tsvector_literal(found) if found else None
 
 
 def citation_arrays(messages: list[Message]) -> tuple[list[Any], ...]:
