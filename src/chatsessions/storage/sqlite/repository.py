@@ -91,7 +91,12 @@ def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
 
 
 READER_THREADS = 4
-PURGE_BATCH = 500  # rows a purge transaction deletes at most: it never holds the writer long
+PURGE_BATCH = 500  # expired Idempotency-Key rows a purge transaction deletes at most
+# Rows (messages with their words and citations) one sweeper transaction deletes at most: each
+# holds the writer only a few milliseconds, so appends queued behind it barely wait.
+PURGE_ROWS = 50
+MERGE_PAGES = 16  # full-text leaf pages one merge step writes
+MERGE_STEPS = 256  # merge steps one purge takes at most (about 4,000 pages of the index)
 PURGE_SESSIONS = 64  # expired sessions one purge transaction looks at
 ERASE_BATCH = 100  # sessions one transaction of a bulk erasure deletes
 
@@ -577,7 +582,7 @@ class SqliteSessionRepository:
     async def purge(self) -> int:
         """Purge expired sessions and Idempotency-Keys, then erase deleted bytes from the files.
 
-        Each transaction deletes at most `PURGE_BATCH` rows, so appends keep flowing between
+        Each transaction deletes at most `PURGE_ROWS` messages, so appends keep flowing between
         them. An expired session is already invisible; a crash mid-purge leaves it invisible
         and the next purge goes on. Last, when anything was deleted since the previous purge,
         the WAL is checkpointed with TRUNCATE (with `secure_delete`, the database file holds
@@ -597,13 +602,26 @@ class SqliteSessionRepository:
         if self._erased and not self._location.in_memory:
             self._erased = False
             # FTS5 keeps a deleted word's term in its segments (secure-delete drops its
-            # postings, not always the term): rewriting the index drops it. This costs a pass
-            # over the full-text index, once per purge interval that followed a deletion.
-            await self._writer.submit(lambda tx: tx.conn.execute(rows.OPTIMIZE_WORDS))
+            # postings, not always the term): merging the segments drops it. A pass over the
+            # full-text index, once per purge interval that followed a deletion, in small steps.
+            # Bounded: under a steady stream of appends (each adds a small segment) there is always
+            # a little more to merge; what is left waits for the next purge.
+            steps = 0
+            while await self._writer.submit(self._merge_words_step):
+                steps += 1
+                if steps >= MERGE_STEPS:
+                    break
             busy, *_ = await self._writer.submit_outside(self._checkpoint)
-            if busy:  # a reader held an old snapshot past the busy timeout: the next purge tries again
-                self._erased = True
+            if busy or steps >= MERGE_STEPS:  # a reader held an old snapshot, or merging was cut short
+                self._erased = True  # the next purge goes on
         return purged
+
+    @staticmethod
+    def _merge_words_step(tx: Tx) -> bool:
+        """Merge a few pages of full-text segments; whether there was work (FTS5: 2+ changes)."""
+        before = tx.conn.total_changes()
+        tx.conn.execute(rows.MERGE_WORDS, (-MERGE_PAGES,))
+        return tx.conn.total_changes() - before >= 2
 
     @staticmethod
     def _checkpoint(conn: apsw.Connection) -> tuple[int, ...]:
@@ -615,7 +633,7 @@ class SqliteSessionRepository:
         expired = list(tx.conn.execute(rows.EXPIRED_BY_TIME, (now, PURGE_SESSIONS)))
         if cutoff != rows.NO_CUTOFF:
             expired += tx.conn.execute(rows.EXPIRED_BY_IDLE, (cutoff, PURGE_SESSIONS))
-        budget = PURGE_BATCH
+        budget = PURGE_ROWS
         sessions = deleted = 0
         done: set[int] = set()
         for pk, tenant, sid in expired:

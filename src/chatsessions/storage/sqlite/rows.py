@@ -51,7 +51,8 @@ DELETE_CITATIONS = "DELETE FROM citations WHERE session_pk = ?"
 DELETE_ANSWERS = "DELETE FROM idempotency_keys WHERE session_pk = ?"
 # One message: its row (giving its rowid for the words), then its citations.
 DELETE_MESSAGE = "DELETE FROM messages WHERE session_pk = ? AND seq = ? RETURNING rowid"
-OPTIMIZE_WORDS = "INSERT INTO message_words (message_words) VALUES ('optimize')"
+# Incremental merge of full-text segments (negative: merge whatever levels there are, page by page).
+MERGE_WORDS = "INSERT INTO message_words (message_words, rank) VALUES ('merge', ?)"
 UNINDEX_MESSAGE = "DELETE FROM message_words WHERE rowid = ?"
 DELETE_MESSAGE_CITATIONS = "DELETE FROM citations WHERE session_pk = ? AND seq = ?"
 # The purge of an expired session, a bounded chunk at a time: the seq where the chunk ends
