@@ -41,6 +41,7 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("get", "/v1/citations"): ({"200"}, {"422"}),
     ("get", "/healthz"): ({"200"}, set()),
     ("get", "/readyz"): ({"200"}, {"503"}),
+    ("get", "/metrics"): ({"200"}, set()),
 }
 
 # Response models of the success answers.
@@ -111,6 +112,9 @@ async def test_success_responses_have_models(spec: dict[str, Any]) -> None:
         responses = operation["responses"]
         assert successes <= set(responses), (key, sorted(responses))
         for status in successes:
+            if key == ("get", "/metrics"):
+                assert set(responses[status]["content"]) == {"text/plain; version=0.0.4; charset=utf-8"}
+                continue
             if status == "204":
                 assert not responses[status].get("content"), key
                 continue
@@ -194,7 +198,7 @@ async def test_limits_are_in_the_schema(spec: dict[str, Any]) -> None:
     variants = [key, *key.get("anyOf", [])]
     assert any(v.get("maxLength") == 255 and v.get("minLength") == 1 for v in variants), key
     role = spec["components"]["schemas"]["Role"]
-    assert set(role["enum"]) == {"system", "user", "assistant", "tool"}
+    assert set(role["enum"]) == {"system", "developer", "user", "assistant", "tool"}
 
 
 async def test_summaries_are_the_handler_docstrings(settings: Settings) -> None:

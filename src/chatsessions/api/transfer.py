@@ -16,6 +16,8 @@ from chatsessions.transfer import ImportLineError, export_chunks, import_lines
 
 NDJSON = "application/x-ndjson"
 IMPORT_PATH = "/v1/import"
+# An import streams up to CHATSESSIONS_MAX_IMPORT_BYTES while it writes: its body has an hour.
+IMPORT_BODY_TIMEOUT_SECONDS = 3600.0
 
 
 def build_transfer_router() -> APIRouter:

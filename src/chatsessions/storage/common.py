@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from chatsessions.errors import PreconditionFailed
+from chatsessions.errors import MessageExists, PreconditionFailed
 from chatsessions.models import (
     Citation,
     CitationCursor,
@@ -53,14 +53,38 @@ def new_messages(messages: list[MessageCreate], *, first_seq: int, now: datetime
     return [
         Message(
             seq=first_seq + i,
+            id=m.id,
             role=m.role,
             content=m.content,
-            created_at=now,
+            name=m.name,
+            tool_calls=m.tool_calls,
+            tool_call_id=m.tool_call_id,
+            status=m.status,
             metadata=m.metadata,
             references=m.references,
+            created_at=now,
+            updated_at=now,
         )
         for i, m in enumerate(messages)
     ]
+
+
+def check_message_ids(session_id: str, messages: list[MessageCreate], existing: dict[str, int]) -> None:
+    """Raise MessageExists for a client message id the session has (`existing`: id -> seq) or the batch repeats."""
+    seen: set[str] = set()
+    for m in messages:
+        if m.id is None:
+            continue
+        if m.id in existing:
+            raise MessageExists(session_id, m.id, existing[m.id])
+        if m.id in seen:
+            raise MessageExists(session_id, m.id, None)
+        seen.add(m.id)
+
+
+def message_ids(messages: list[MessageCreate]) -> list[str]:
+    """The client message ids of a batch (most appends have none)."""
+    return [m.id for m in messages if m.id is not None]
 
 
 def after_append(session: Session, added: int, *, now: datetime) -> Session:
@@ -146,6 +170,18 @@ def _alive_clause(alive: tuple[str, list[Any]], args: list[Any], placeholder: Ca
     return alive[0].format(*numbers)
 
 
+def equalities(
+    args: list[Any], placeholder: Callable[[int], str], column: Callable[[str], str], **values: str | None
+) -> list[str]:
+    """`<column> = <placeholder>` for each value given (None: no condition); the values join `args`."""
+    found = []
+    for name, value in values.items():
+        if value is not None:
+            args.append(value)
+            found.append(f"{column(name)} = {placeholder(len(args))}")
+    return found
+
+
 def listing_sql(
     *,
     columns: str,
@@ -168,14 +204,14 @@ def listing_sql(
     """
     args: list[Any] = [tenant]
     where = [f"tenant = {placeholder(1)}"]
-    for column, value in (
-        ("user_id", filters.user_id),
-        ("document_id", filters.document_id),
-        ("section_id", filters.section_id),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} = {placeholder(len(args))}")
+    where += equalities(
+        args,
+        placeholder,
+        str,
+        user_id=filters.user_id,
+        document_id=filters.document_id,
+        section_id=filters.section_id,
+    )
     if filters.pinned is not None:
         where.append("pinned" if filters.pinned else "NOT pinned")
     if alive[0]:
@@ -241,15 +277,11 @@ def citations_sql(
     `(session_id, seq, created_at, ordinal, reference)`; ask for `limit + 1`.
     """
     args: list[Any] = [tenant, doc_id]
-    join = ""
     where = [f"c.tenant = {placeholder(1)}", f"c.doc_id = {placeholder(2)}"]
-    for column, value in (("user_id", filters.user_id), ("section_id", filters.section_id)):
-        if value is not None:
-            join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
-            args.append(value)
-            where.append(f"s.{column} = {placeholder(len(args))}")
+    on_session = equalities(args, placeholder, "s.{}".format, user_id=filters.user_id, section_id=filters.section_id)
+    join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id" if on_session or alive[0] else ""
+    where += on_session
     if alive[0]:  # the citing session has not expired (`alive` as in `listing_sql`, on `s.`)
-        join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
         where.append(_alive_clause(alive, args, placeholder))
     if cursor is not None:
         args += [moment(cursor.created_at), cursor.session_id, cursor.seq, cursor.ordinal]

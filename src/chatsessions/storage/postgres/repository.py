@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import time
@@ -371,12 +370,20 @@ class PostgresSessionRepository:
     ) -> tuple[Session, list[Message]]:
         arrays = rows.message_arrays(tenant, messages)
         batchable, expected = _expected(if_match)
-        _, content, _, metadata, refs, _ = arrays
         # Citations go in by a second statement (they reference their messages): not batched.
         cites = any(common.cited_doc_ids(m.references) for m in messages)
+        ids = common.message_ids(messages)
+        if ids:  # the ids are checked under the session's row lock, so no racing append takes one first
+            return await self._append_locked(tenant, session_id, messages, ids, arrays, if_match, idempotency)
         alone = idempotency is not None or cites
-        if not alone and batchable and rows.storable(itertools.chain(content, metadata, refs)):
-            weight = sum(len(m.content) + MESSAGE_WEIGHT for m in messages)
+        texts = [
+            value
+            for name, column in zip(q.MESSAGE_FIELDS, arrays, strict=True)
+            if name[1] != "bytea"
+            for value in column
+        ]
+        if not alone and batchable and rows.storable(texts):
+            weight = sum(len(content_text(m.content)) + MESSAGE_WEIGHT for m in messages)
             pending = PendingAppend(
                 tenant=tenant,
                 session_id=session_id,
@@ -403,22 +410,58 @@ class PostgresSessionRepository:
                 async with self._transaction() as conn:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
                     result = self._appended(session_id, row, messages, if_match)
-                    if result is not None and cites:
-                        session, added = result
-                        citations = rows.citation_arrays(added)
-                        await conn.execute(q.INSERT_CITATIONS, tenant, session_id, session.updated_at, *citations)
-                    if result is not None and idempotency is not None:
-                        await self._store_answer(
-                            conn,
-                            tenant=tenant,
-                            key=idempotency.key,
-                            fingerprint=idempotency.fingerprint,
-                            answer=idempotency.render(*result),
-                            session_id=session_id,
-                        )
+                    if result is not None:
+                        await self._after_append(conn, tenant, session_id, result, cites, idempotency)
             if result is not None:
                 return result
         raise _lost_race(session_id)
+
+    async def _append_locked(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageCreate],
+        ids: list[str],
+        arrays: tuple[list[Any], ...],
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+    ) -> tuple[Session, list[Message]]:
+        """An append carrying client message ids: lock the session, check the ids, append, in one transaction."""
+        async with self._transaction() as conn:
+            await self._lock(conn, tenant, session_id, if_match)
+            found = await conn.fetch(q.FIND_CLIENT_IDS, tenant, session_id, ids)
+            common.check_message_ids(session_id, messages, {row["client_id"]: row["seq"] for row in found})
+            row = await conn.fetchrow(q.APPEND, tenant, session_id, len(messages), utcnow(), None, *arrays)
+            result = self._appended(session_id, row, messages, if_match)
+            if result is None:  # cannot happen: this transaction holds the row's lock
+                raise _lost_race(session_id)
+            cites = any(common.cited_doc_ids(m.references) for m in messages)
+            await self._after_append(conn, tenant, session_id, result, cites, idempotency)
+            return result
+
+    async def _after_append(
+        self,
+        conn: Conn,
+        tenant: str,
+        session_id: str,
+        result: tuple[Session, list[Message]],
+        cites: bool,
+        idempotency: IdempotencyRequest | None,
+    ) -> None:
+        """In the append's transaction: its citations, and its answer under an Idempotency-Key."""
+        session, added = result
+        if cites:
+            citations = rows.citation_arrays(added)
+            await conn.execute(q.INSERT_CITATIONS, tenant, session_id, session.updated_at, *citations)
+        if idempotency is not None:
+            await self._store_answer(
+                conn,
+                tenant=tenant,
+                key=idempotency.key,
+                fingerprint=idempotency.fingerprint,
+                answer=idempotency.render(*result),
+                session_id=session_id,
+            )
 
     @staticmethod
     def _appended(
@@ -549,15 +592,15 @@ class PostgresSessionRepository:
         tsquery = tsquery_literal(tenant, filters.role.value if filters.role else None, query)
         # The scoped words already keep to the tenant; the column check makes it exact.
         args: list[Any] = [tsquery, limit + 1, offset, tenant]
-        clauses = " AND m.tenant = $4"
-        for column, value in (
-            ("user_id", filters.user_id),
-            ("document_id", filters.document_id),
-            ("section_id", filters.section_id),
-        ):
-            if value is not None:
-                args.append(value)
-                clauses += f" AND s.{column} = ${len(args)}"
+        on_session = common.equalities(
+            args,
+            lambda n: f"${n}",
+            "s.{}".format,
+            user_id=filters.user_id,
+            document_id=filters.document_id,
+            section_id=filters.section_id,
+        )
+        clauses = "".join(f" AND {c}" for c in ["m.tenant = $4", *on_session])
         sql = q.SEARCH.format(join=q.SEARCH_JOIN, filters=clauses + q.SESSION_ALIVE)
         async with self._connection() as conn:
             found = await conn.fetch(sql, *args)

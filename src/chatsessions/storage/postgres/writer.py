@@ -15,7 +15,7 @@ A change that its batch cannot take (the statement failed for a reason other
 than the database being unavailable: one change may hold something
 PostgreSQL refuses) is handed `ALONE`, and its caller runs it by itself, so
 it fails alone. When the database is unavailable, every change of the batch
-fails with it: nothing of a failed batch was committed.
+fails with it (one statement: they committed all together or not at all).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Re
     # Even for one append: APPEND would wait for a row lock, and the whole queue with it.
     index: list[int] = []
     order: list[int] = []
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    columns: tuple[list[Any], ...] = tuple([] for _ in q.MESSAGE_FIELDS)
     for i, change in enumerate(batch, start=1):
         index += [i] * change.count
         order += range(1, change.count + 1)

@@ -63,13 +63,16 @@ from chatsessions.storage.common import (
     after_clear,
     after_message_deleted,
     change_time,
+    check_message_ids,
     check_precondition,
     citation_listing,
     citations_sql,
     cited_doc_ids,
+    equalities,
     from_us,
     listing_page,
     listing_sql,
+    message_ids,
     new_messages,
     new_session,
     seq_bounds,
@@ -82,12 +85,6 @@ from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
 from chatsessions.text import SearchQuery, content_text, match_expression, scoped_words, snippet
 
 log = logging.getLogger("chatsessions.sqlite")
-
-
-def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
-    """` AND <alias>.<column> = ?` for each given filter, and the arguments."""
-    given = [(column, value) for column, value in equal.items() if value is not None]
-    return "".join(f" AND {alias}.{column} = ?" for column, _ in given), [value for _, value in given]
 
 
 READER_THREADS = 4
@@ -375,9 +372,17 @@ class SqliteSessionRepository:
         idempotency: IdempotencyRequest | None = None,
     ) -> tuple[Session, list[Message]]:
         key = (tenant, session_id)
+        ids = message_ids(messages)
 
         def change(tx: Tx) -> tuple[Session, list[Message]]:
             head = self._head(tx, key, if_match)
+            if ids:
+                existing = {}
+                for message_id in ids:
+                    found = next(tx.conn.execute(rows.SELECT_CLIENT_ID, (head.pk, message_id)), None)
+                    if found is not None:
+                        existing[message_id] = found[0]
+                check_message_ids(session_id, messages, existing)
             now = change_time(head.session)
             added = new_messages(messages, first_seq=head.session.last_seq + 1, now=now)
             self._insert_messages(tx.conn, tenant, session_id, head.pk, added)
@@ -477,15 +482,25 @@ class SqliteSessionRepository:
         self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
     ) -> SearchResult:
         expression = match_expression(tenant, filters.role.value if filters.role else None, query)
-        clauses, args = _session_clauses(
-            "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
+        args: list[Any] = [expression, limit + 1, offset]
+        on_session = equalities(
+            args,
+            lambda n: f"?{n}",
+            "s.{}".format,
+            user_id=filters.user_id,
+            document_id=filters.document_id,
+            section_id=filters.section_id,
         )
-        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN, filters=clauses + rows.SESSION_ALIVE)
-        parameters = (expression, *args, *self._alive_args(), limit + 1, offset)
+        # Only live sessions' messages: the session's "not expired" condition, its arguments numbered on.
+        alive = [f"?{len(args) + 1 + i}" for i in range(2)]
+        args += self._alive_args()
+        on_session.append(rows.ALIVE.format(p="s.").replace("?", "{}").format(*alive))
+        clauses = "".join(f" AND {c}" for c in on_session)
+        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN, filters=clauses)
 
         def read(conn: apsw.Connection) -> list[SearchHit]:
             hits = []
-            for sid, seq, body in conn.execute(sql, parameters):
+            for sid, seq, body in conn.execute(sql, args):
                 message = rows.message_from(body)
                 text = content_text(message.content)
                 hits.append(
@@ -662,10 +677,11 @@ class SqliteSessionRepository:
     async def export_sessions(
         self, tenant: str, *, filters: ExportFilter, after: str | None, limit: int
     ) -> list[Session]:
-        clauses, args = _session_clauses(
-            "sessions", user_id=filters.user_id, document_id=filters.document_id, id=filters.session_id
+        args: list[Any] = []
+        found = equalities(
+            args, lambda _: "?", str, user_id=filters.user_id, document_id=filters.document_id, id=filters.session_id
         )
-        sql = rows.EXPORT_SESSIONS.format(filters=clauses)
+        sql = rows.EXPORT_SESSIONS.format(filters="".join(f" AND {c}" for c in found))
         parameters = (tenant, after or "", *args, *self._alive_args(), limit)
 
         def read(conn: apsw.Connection) -> list[Session]:

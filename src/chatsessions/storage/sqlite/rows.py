@@ -9,6 +9,7 @@ from pydantic_core import from_json, to_json
 from chatsessions.models import Message, Session
 from chatsessions.storage.common import from_us, to_us
 from chatsessions.storage.sqlite.writer import Head
+from chatsessions.text import content_text
 
 SESSION_COLUMNS = (
     "pk, id, user_id, document_id, section_id, title, settings, metadata, "
@@ -39,7 +40,10 @@ WHERE pk = ?
 UPDATE_COUNTERS = "UPDATE sessions SET message_count = ?, last_seq = ?, version = ?, updated_at = ? WHERE pk = ?"
 DELETE_SESSION = "DELETE FROM sessions WHERE pk = ?"
 
-INSERT_MESSAGE = "INSERT INTO messages (session_pk, seq, size, created_at, body) VALUES (?, ?, ?, ?, ?) RETURNING rowid"
+INSERT_MESSAGE = """
+INSERT INTO messages (session_pk, seq, size, created_at, body, client_id) VALUES (?, ?, ?, ?, ?, ?) RETURNING rowid
+"""
+SELECT_CLIENT_ID = "SELECT seq FROM messages WHERE session_pk = ? AND client_id = ?"
 DELETE_MESSAGES = "DELETE FROM messages WHERE session_pk = ?"
 INDEX_WORDS = "INSERT INTO message_words (rowid, words) VALUES (?, ?)"
 UNINDEX_SESSION = "DELETE FROM message_words WHERE rowid IN (SELECT rowid FROM messages WHERE session_pk = ?)"
@@ -71,22 +75,22 @@ EXPORT_SESSIONS = (
     f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = ? AND id > ?{{filters}} AND {_ALIVE} ORDER BY id LIMIT ?"
 )
 # Search: FTS5 finds the tenant's matching messages (best first, bm25); the join adds the
-# session and its filters. `{filters}` holds ` AND s.<column> = ?` terms.
+# session and its filters. Arguments: the match expression, limit, offset, then what `{filters}`
+# (` AND s.<column> = ?n` terms) names.
 # Only (rowid, rank) of the matches are sorted; bodies are read for the page alone.
 SEARCH = """
 SELECT s.id, m.seq, m.body
 FROM (
     SELECT w.rowid AS hit, w.rank AS score FROM message_words w{join}
-    WHERE message_words MATCH ?{filters}
+    WHERE message_words MATCH ?1{filters}
     ORDER BY w.rank, w.rowid
-    LIMIT ? OFFSET ?
+    LIMIT ?2 OFFSET ?3
 ) h
 JOIN messages m ON m.rowid = h.hit
 JOIN sessions s ON s.pk = m.session_pk
 ORDER BY h.score, h.hit
 """
 SEARCH_JOIN = " JOIN messages m ON m.rowid = w.rowid JOIN sessions s ON s.pk = m.session_pk"
-SESSION_ALIVE = " AND " + ALIVE.format(p="s.")
 
 PAGE_ASC = "SELECT size, body FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?"
 PAGE_DESC = "SELECT size, body FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
@@ -201,8 +205,8 @@ def counter_values(pk: int, session: Session) -> tuple[int, ...]:
 
 def message_values(pk: int, message: Message) -> tuple[Any, ...]:
     """The columns of `INSERT_MESSAGE`, in order."""
-    size = len(message.content.encode("utf-8", "surrogatepass"))
-    return (pk, message.seq, size, to_us(message.created_at), message.model_dump_json())
+    size = len(content_text(message.content).encode("utf-8", "surrogatepass"))
+    return (pk, message.seq, size, to_us(message.created_at), message.model_dump_json(), message.id)
 
 
 def message_from(body: str) -> Message:

@@ -8,49 +8,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator
 
 import aiofiles
-from pydantic import ValidationError
 
+from chatsessions.cli.flags import SettingsError, add_settings_flags, settings_from
 from chatsessions.config import Settings
-from chatsessions.errors import StorageUnavailable
+from chatsessions.errors import ChatSessionsError
 from chatsessions.models import DEFAULT_TENANT, ExportFilter
 from chatsessions.transfer import ImportLineError, export_chunks, import_lines
 
 READ_BYTES = 256 * 1024
-# Flag name → settings field: which store the command opens (each overrides its CHATSESSIONS_* variable).
-_STORE_FLAGS = {"store": "store", "data_dir": "data_dir", "postgres_dsn": "postgres_dsn"}
 
 
-def add_transfer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    store = argparse.ArgumentParser(add_help=False)
-    for flag, field in _STORE_FLAGS.items():
-        store.add_argument(
-            "--" + flag.replace("_", "-"), dest=flag, default=None, help=Settings.model_fields[field].description
-        )
-    store.add_argument("--postgres-schema", dest="postgres_schema", default=None, help="PostgreSQL schema")
-    store.add_argument("--tenant", default=DEFAULT_TENANT, help=f"whose sessions (default: {DEFAULT_TENANT})")
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export = commands.add_parser(
-        "export", parents=[store], help="write the store's sessions as NDJSON (stop the server first for sqlite)"
+        "export",
+        help="write the store's sessions as NDJSON (stop the server first for sqlite)",
+        description="Export a tenant's sessions, with every message, from the configured store (no server).",
     )
     export.add_argument("--out", default="-", help="file to write (default: standard output)")
-    export.add_argument("--user-id", default=None)
-    export.add_argument("--document-id", default=None)
-    export.add_argument("--session-id", default=None)
-    imp = commands.add_parser("import", parents=[store], help="read NDJSON written by export into the store")
+    export.add_argument("--tenant", default=DEFAULT_TENANT, help=f"whose sessions (default: {DEFAULT_TENANT})")
+    export.add_argument("--user-id", default=None, help="only this user's sessions")
+    export.add_argument("--document-id", default=None, help="only this document's sessions")
+    export.add_argument("--session-id", default=None, help="only this session")
+    add_settings_flags(export)
+    export.set_defaults(handler=transfer_command)
+    imp = commands.add_parser(
+        "import",
+        help="read NDJSON written by export into the store",
+        description="Import an export into the configured store (no server); each session atomically.",
+    )
     imp.add_argument("file", help="the export file, or - for standard input")
+    imp.add_argument("--tenant", default=DEFAULT_TENANT, help=f"whose sessions (default: {DEFAULT_TENANT})")
     imp.add_argument("--on-conflict", choices=("skip", "replace"), default="skip")
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    for flag in (*_STORE_FLAGS, "postgres_schema"):
-        value = getattr(args, flag, None)
-        if value:
-            os.environ["CHATSESSIONS_" + flag.upper()] = str(value)
-    return Settings()
+    add_settings_flags(imp)
+    imp.set_defaults(handler=transfer_command)
 
 
 async def _export(args: argparse.Namespace, settings: Settings) -> None:
@@ -101,15 +95,12 @@ async def _import(args: argparse.Namespace, settings: Settings) -> str:
 
 def transfer_command(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args)
+        settings, _ = settings_from(args)
         if args.command == "export":
             asyncio.run(_export(args, settings))
         else:
             print(asyncio.run(_import(args, settings)))
-    except ValidationError as exc:
-        print(f"chatsessions: invalid configuration: {exc.errors()[0]['msg']}", file=sys.stderr)
-        return 2
-    except StorageUnavailable as exc:
+    except (SettingsError, ChatSessionsError) as exc:
         print(f"chatsessions: {exc}", file=sys.stderr)
         return 2
     except ImportLineError as exc:
