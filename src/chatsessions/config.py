@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     )
     max_page_sessions: int = Field(100, ge=1, description="Largest `limit` of a session listing.")
     idempotency_ttl_seconds: float = Field(86_400.0, ge=1, description="How long Idempotency-Keys are kept.")
+    retention_idle_seconds: float | None = Field(
+        None, gt=0, description="A session not pinned and unchanged this long is expired; unset: never."
+    )
+    purge_interval_seconds: float = Field(
+        60.0, gt=0, description="How often the sweeper purges expired sessions and erases deleted bytes."
+    )
+    max_import_bytes: int = Field(2**30, ge=1, description="Largest body of POST /v1/import; 413 beyond.")
     postgres_dsn: str | None = Field(None, description="PostgreSQL DSN, for store=postgres.")
     postgres_schema: str = Field(
         "chatsessions", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="PostgreSQL schema that holds the tables."

@@ -28,6 +28,7 @@ from chatsessions.api.problems import install_problem_handlers
 from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
+from chatsessions.api.transfer import IMPORT_BODY_TIMEOUT_SECONDS, IMPORT_PATH, build_transfer_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.keys import KeySource
 from chatsessions.models import DEFAULT_TENANT
@@ -119,13 +120,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
             {"name": "messages", "description": "Append to and page through a session's history."},
             {"name": "search", "description": "Full-text search of messages, and the citations index."},
+            {"name": "transfer", "description": "Export and import of sessions as NDJSON."},
             {"name": "health", "description": "Probes and metrics for orchestrators."},
         ],
     )
     install_problem_handlers(app)
     # Middlewares, innermost first: the body limit, authentication, then the request's id, log line and metrics.
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes, body_timeout=resolved.body_timeout_seconds
+        BodyLimitMiddleware,
+        max_body_bytes=resolved.max_body_bytes,
+        body_timeout=resolved.body_timeout_seconds,
+        path_limits={IMPORT_PATH: resolved.max_import_bytes},
+        path_timeouts={IMPORT_PATH: IMPORT_BODY_TIMEOUT_SECONDS},
     )
     app.add_middleware(BearerAuthMiddleware, keys_required=resolved.keys_file is not None)
     app.add_middleware(AccessMiddleware)
@@ -136,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
+    app.include_router(build_transfer_router())
     app.include_router(health.router)
     app.include_router(metrics_router)
     install_docs(app)

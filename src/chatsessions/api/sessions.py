@@ -18,6 +18,7 @@ from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput, SessionNotFound
 from chatsessions.models import (
+    DeletedCount,
     Message,
     Session,
     SessionCreate,
@@ -109,6 +110,7 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         cited_doc_id: Annotated[
             str | None, Query(max_length=1024, description="Only sessions with a message that cites this doc_id.")
         ] = None,
+        pinned: Annotated[bool | None, Query(description="Only pinned (true) or unpinned (false) sessions.")] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_sessions)] = min(20, settings.max_page_sessions),
         cursor: CursorQuery = None,
     ) -> SessionPage:
@@ -116,7 +118,11 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         listing = await repository.list_sessions(
             tenant,
             filters=SessionFilter(
-                user_id=user_id, document_id=document_id, section_id=section_id, cited_doc_id=cited_doc_id
+                user_id=user_id,
+                document_id=document_id,
+                section_id=section_id,
+                cited_doc_id=cited_doc_id,
+                pinned=pinned,
             ),
             limit=limit,
             cursor=decode_cursor(cursor) if cursor else None,
@@ -158,5 +164,16 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         """Delete a session and its messages."""
         await repository.delete_session(tenant, session_id, if_match=if_match)
         return Response(status_code=204)
+
+    @router.delete("", response_model=DeletedCount, responses=problem_responses(422, 503, 507))
+    async def delete_user_sessions(
+        repository: RepositoryDep,
+        tenant: TenantDep,
+        user_id: Annotated[str, Query(max_length=1024, description="Whose sessions to erase (required).")],
+        document_id: FilterQuery = None,
+    ) -> DeletedCount:
+        """Erase every session of a user (optionally only those of one document)."""
+        deleted = await repository.delete_sessions(tenant, user_id=user_id, document_id=document_id)
+        return DeletedCount(deleted=deleted)
 
     return router

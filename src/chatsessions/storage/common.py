@@ -32,6 +32,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def new_session(data: SessionCreate, *, session_id: str | None = None, now: datetime) -> Session:
     return Session(
+        expires_at=data.expires_at,
+        pinned=data.pinned,
         id=session_id or data.id or str(uuid.uuid4()),
         user_id=data.user_id,
         document_id=data.document_id,
@@ -97,6 +99,12 @@ def after_append(session: Session, added: int, *, now: datetime) -> Session:
     )
 
 
+def after_message_deleted(session: Session, *, now: datetime) -> Session:
+    return session.model_copy(
+        update={"message_count": session.message_count - 1, "version": session.version + 1, "updated_at": now}
+    )
+
+
 def after_clear(session: Session, *, now: datetime) -> Session:
     return session.model_copy(update={"message_count": 0, "version": session.version + 1, "updated_at": now})
 
@@ -154,6 +162,15 @@ def change_time(current: Session) -> datetime:
     return max(utcnow(), current.updated_at)
 
 
+def _alive_clause(alive: tuple[str, list[Any]], args: list[Any], placeholder: Callable[[int], str]) -> str:
+    """A backend's "not expired" condition with its arguments appended to `args` (`{0}`, `{1}`... in it)."""
+    numbers = []
+    for value in alive[1]:
+        args.append(value)
+        numbers.append(placeholder(len(args)))
+    return alive[0].format(*numbers)
+
+
 def equalities(
     args: list[Any], placeholder: Callable[[int], str], column: Callable[[str], str], **values: str | None
 ) -> list[str]:
@@ -175,6 +192,7 @@ def listing_sql(
     placeholder: Callable[[int], str],
     moment: Callable[[datetime], Any],
     tenant: str,
+    alive: tuple[str, list[Any]] = ("", []),
 ) -> tuple[str, list[Any]]:
     """SQL and arguments of one listing page over `sessions`: newest `updated_at` first, ties by id.
 
@@ -182,6 +200,8 @@ def listing_sql(
     and the cursor bounds the index scan, so a deep page costs no more than the first.
     `placeholder(n)` spells the n-th parameter (`$n`, `?n`); `moment` converts a timestamp to
     the column's type. Ask for `limit + 1` rows to learn whether another page follows.
+    `alive` is the backend's condition for a session that has not expired, `{0}`, `{1}`...
+    standing for its arguments.
     """
     args: list[Any] = [tenant]
     where = [f"tenant = {placeholder(1)}"]
@@ -193,6 +213,10 @@ def listing_sql(
         document_id=filters.document_id,
         section_id=filters.section_id,
     )
+    if filters.pinned is not None:
+        where.append("pinned" if filters.pinned else "NOT pinned")
+    if alive[0]:
+        where.append(_alive_clause(alive, args, placeholder))
     if filters.cited_doc_id is not None:
         args.append(filters.cited_doc_id)
         # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
@@ -245,6 +269,7 @@ def citations_sql(
     cursor: CitationCursor | None,
     placeholder: Callable[[int], str],
     moment: Callable[[datetime], Any],
+    alive: tuple[str, list[Any]] = ("", []),
 ) -> tuple[str, list[Any]]:
     """SQL and arguments of one citations page: newest first, then session id, seq and reference index.
 
@@ -255,8 +280,10 @@ def citations_sql(
     args: list[Any] = [tenant, doc_id]
     where = [f"c.tenant = {placeholder(1)}", f"c.doc_id = {placeholder(2)}"]
     on_session = equalities(args, placeholder, "s.{}".format, user_id=filters.user_id, section_id=filters.section_id)
-    join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id" if on_session else ""
+    join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id" if on_session or alive[0] else ""
     where += on_session
+    if alive[0]:  # the citing session has not expired (`alive` as in `listing_sql`, on `s.`)
+        where.append(_alive_clause(alive, args, placeholder))
     if cursor is not None:
         args += [moment(cursor.created_at), cursor.session_id, cursor.seq, cursor.ordinal]
         t, i, q, o = (placeholder(n) for n in range(len(args) - 3, len(args) + 1))
