@@ -47,6 +47,7 @@ crash: $(VENV)/.dev-installed
 # Needs wrk (apt-get install -y wrk). BENCH_SECONDS, BENCH_ROUNDS, BENCH_ONLY: see bench/run.py.
 bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
