@@ -10,6 +10,7 @@ ChatSessionsError
 │   └── IdempotencyKeyReused    422  same key, different request
 ├── InvalidInput             422  a value the schema cannot express (limits, depth)
 ├── StorageFull              507  the disk is full; nothing was written
+├── TooManyStreams           503  every event-stream slot is taken
 └── StorageUnavailable       503  cannot read or write now
     ├── StorageCorrupted     503  a log failed its checksum in the middle
     ├── StorageFailed        503  an fsync failed; writes stop until restart
@@ -94,3 +95,7 @@ class StorageIncompatible(StorageUnavailable):
 
 class StorageLocked(StorageUnavailable):
     pass
+
+
+class TooManyStreams(ChatSessionsError):
+    """Every event-stream slot of this process is taken (503 with Retry-After)."""

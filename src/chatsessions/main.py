@@ -17,6 +17,7 @@ from chatsessions.api.appends import append_routes
 from chatsessions.api.auth import install_auth
 from chatsessions.api.citations import build_citations_router
 from chatsessions.api.docs import install_docs
+from chatsessions.api.events import build_events_router
 from chatsessions.api.messages import build_messages_router
 from chatsessions.api.middleware import BodyLimitMiddleware
 from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
@@ -24,6 +25,7 @@ from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.config import Settings, StoreKind
+from chatsessions.events import Broker, EventSink
 from chatsessions.storage.base import SessionRepository, StoreObserver
 
 log = logging.getLogger("chatsessions")
@@ -32,14 +34,17 @@ log = logging.getLogger("chatsessions")
 class State(TypedDict):
     repository: SessionRepository
     settings: Settings
+    broker: Broker
 
 
-async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
-    """Open the backend that `settings.store` names; `observer` receives its metrics."""
+async def build_repository(
+    settings: Settings, observer: StoreObserver | None = None, *, sink: EventSink | None = None
+) -> SessionRepository:
+    """Open the backend that `settings.store` names; `observer` receives its metrics, `sink` its events."""
     if settings.store in (StoreKind.sqlite, StoreKind.memory):
         from chatsessions.storage.sqlite import SqliteSessionRepository
 
-        return await SqliteSessionRepository.open(settings, observer=observer)
+        return await SqliteSessionRepository.open(settings, observer=observer, sink=sink)
     from chatsessions.storage.postgres import PostgresSessionRepository
 
     return await PostgresSessionRepository.open(settings)
@@ -72,13 +77,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        repository = await build_repository(resolved)
+        broker = Broker(capacity=resolved.events_buffer, max_subscribers=resolved.events_max_subscribers)
+        repository = await build_repository(resolved, sink=broker)
         log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
         # What is alive now (modules, the app, the catalog) lives as long as the app: keep it
         # out of the collector's full passes, which otherwise rescan it under load.
         gc.freeze()
         try:
-            yield {"repository": repository, "settings": resolved}
+            yield {"repository": repository, "settings": resolved, "broker": broker}
         finally:
             gc.unfreeze()
             await repository.aclose()
@@ -97,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
             {"name": "messages", "description": "Append to and page through a session's history."},
             {"name": "search", "description": "Full-text search of messages, and the citations index."},
+            {"name": "events", "description": "Change feeds of a session and of the tenant (Server-Sent Events)."},
             {"name": "health", "description": "Probes for orchestrators."},
         ],
     )
@@ -108,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
+    app.include_router(build_events_router(resolved))
     app.include_router(health.router)
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]

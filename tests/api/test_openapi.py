@@ -35,6 +35,8 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("delete", MSGS): ({"204"}, {"404", "412"}),
     ("get", "/v1/search"): ({"200"}, {"422"}),
     ("get", "/v1/citations"): ({"200"}, {"422"}),
+    ("get", ONE + "/events"): ({"200"}, {"400", "404", "422", "503"}),
+    ("get", "/v1/events"): ({"200"}, {"422", "503"}),
     ("get", "/healthz"): ({"200"}, set()),
     ("get", "/readyz"): ({"200"}, {"503"}),
 }
@@ -101,7 +103,9 @@ async def test_success_responses_have_models(spec: dict[str, Any]) -> None:
             if status == "204":
                 assert not responses[status].get("content"), key
                 continue
-            schema = responses[status]["content"]["application/json"]["schema"]
+            content = responses[status]["content"]
+            # The change feeds answer a stream of Server-Sent Events, not JSON.
+            schema = (content.get("application/json") or content["text/event-stream"])["schema"]
             if key in MODELS:
                 assert schema == {"$ref": f"#/components/schemas/{MODELS[key]}"}, (key, status, schema)
             else:

@@ -91,6 +91,7 @@ _DOMAIN: list[tuple[type[errors.ChatSessionsError], int, str]] = [
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused"),
     (errors.InvalidInput, 422, "validation-error"),
     (errors.StorageFull, 507, "storage-full"),
+    (errors.TooManyStreams, 503, "too-many-streams"),
     (errors.StorageCorrupted, 503, "storage-corrupted"),
     (errors.StorageUnavailable, 503, "storage-unavailable"),
 ]

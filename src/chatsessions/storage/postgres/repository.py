@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from chatsessions import events as ev
 from chatsessions.config import Settings
 from chatsessions.errors import (
     IdempotencyInProgress,
@@ -425,6 +426,16 @@ class PostgresSessionRepository:
                 await self._store_answer(conn, tenant=tenant, key=key, fingerprint="", answer=response)
 
     # --- lifecycle --------------------------------------------------------------
+
+    # --- change events (issue 12: recorded on the sqlite store so far) ------------
+
+    async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
+        raise StorageUnavailable("change feeds are not available on the postgres store in this release")
+
+    async def read_tenant_events(
+        self, tenant: str, *, after: int | None, filters: ev.TenantFilter, limit: int
+    ) -> ev.TenantReplay:
+        raise StorageUnavailable("change feeds are not available on the postgres store in this release")
 
     async def check_ready(self) -> None:
         async with self._connection() as conn:

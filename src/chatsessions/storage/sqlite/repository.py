@@ -21,6 +21,7 @@ from typing import Any
 import apsw
 from pydantic_core import from_json, to_json
 
+from chatsessions import events as ev
 from chatsessions.config import Settings
 from chatsessions.errors import (
     IdempotencyInProgress,
@@ -70,6 +71,13 @@ from chatsessions.storage.common import (
     to_us,
 )
 from chatsessions.storage.sqlite import rows
+from chatsessions.storage.sqlite.events import (
+    forget_session,
+    prune_events,
+    read_session_events,
+    read_tenant_events,
+    record_event,
+)
 from chatsessions.storage.sqlite.reader import Readers
 from chatsessions.storage.sqlite.schema import DataDirLock, Location, configure_writer, migrate
 from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
@@ -112,16 +120,23 @@ class SqliteSessionRepository:
         self._lock = lock
         self._idempotency_ttl_us = int(settings.idempotency_ttl_seconds * 1e6)
         self._max_page_bytes = settings.max_page_bytes
+        self._events_retention_us = int(settings.events_retention_seconds * 1e6)
         self._claims: dict[HeadKey, str] = {}  # (tenant, key) -> fingerprint, while the first request runs
         self._maintenance: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, observer: StoreObserver | None = None, vfs: str | None = None
+        cls,
+        settings: Settings,
+        *,
+        observer: StoreObserver | None = None,
+        vfs: str | None = None,
+        sink: ev.EventSink | None = None,
     ) -> SqliteSessionRepository:
         """Lock the data directory, open (and upgrade) the database, start the writer.
 
-        `vfs` names an apsw VFS to open the database through (the tests' fault seam).
+        `vfs` names an apsw VFS to open the database through (the tests' fault seam);
+        `sink` receives the committed change events (on the event loop, in commit order).
 
         Raises:
             StorageLocked, StorageIncompatible, StorageCorrupted, StorageUnavailable.
@@ -133,6 +148,7 @@ class SqliteSessionRepository:
             cache_sessions=settings.cache_sessions,
             cache_bytes=settings.cache_bytes,
             observer=observer or NullObserver(),
+            on_commit=(sink or ev.NullSink()).publish,
         )
 
         def setup(conn: apsw.Connection) -> None:
@@ -226,6 +242,7 @@ class SqliteSessionRepository:
                 raise SessionExists(session.id)
             head = Head(row[0], session, rows.head_size(*values[5:8]))
             tx.put_head((tenant, session.id), head)
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_CREATED))
             self._store_answer(tx, tenant, idempotency, head, [])
             return session
 
@@ -242,6 +259,7 @@ class SqliteSessionRepository:
             values = rows.session_values(tenant, session)
             (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
             tx.put_head(key, Head(pk, session, rows.head_size(*values[5:8])))
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_CREATED))
             return session, True
 
         result: tuple[Session, bool] = await self._write(change)
@@ -284,6 +302,7 @@ class SqliteSessionRepository:
             values = rows.update_values(head.pk, session)
             tx.conn.execute(rows.UPDATE_SESSION, values)
             tx.put_head(key, Head(head.pk, session, rows.head_size(*values[3:6])))
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_UPDATED))
             return session
 
         result: Session = await self._write(change)
@@ -297,6 +316,8 @@ class SqliteSessionRepository:
             self._delete_messages(tx.conn, head.pk)
             tx.conn.execute(rows.DELETE_SESSION, (head.pk,))
             tx.drop_head(key)
+            forget_session(tx, tenant, session_id)
+            record_event(tx, ev.deleted_event(tenant, head.session))
 
         await self._write(change)
 
@@ -322,6 +343,7 @@ class SqliteSessionRepository:
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             new_head = head.moved(session)
             tx.put_head(key, new_head)
+            record_event(tx, ev.messages_event(tenant, session, added))
             self._store_answer(tx, tenant, idempotency, new_head, added)
             return session, added
 
@@ -378,6 +400,8 @@ class SqliteSessionRepository:
             session = after_clear(head.session, now=change_time(head.session))
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             tx.put_head(key, head.moved(session))
+            forget_session(tx, tenant, session_id)
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_CLEARED))
             return session
 
         result: Session = await self._write(change)
@@ -447,6 +471,30 @@ class SqliteSessionRepository:
             [c for c, _ in page], CitationCursor(last.created_at, last.session_id, last.seq, ordinal)
         )
 
+    # --- change events ------------------------------------------------------------
+
+    async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
+        return await self._readers.run(
+            lambda conn: read_session_events(conn, tenant, session_id, after=after, limit=limit)
+        )
+
+    async def read_tenant_events(
+        self, tenant: str, *, after: int | None, filters: ev.TenantFilter, limit: int
+    ) -> ev.TenantReplay:
+        return await self._readers.run(
+            lambda conn: read_tenant_events(conn, tenant, after=after, filters=filters, limit=limit)
+        )
+
+    async def prune_events(self) -> int:
+        """Delete up to PURGE_BATCH events older than the retention; return how many."""
+        cutoff = to_us(utcnow()) - self._events_retention_us
+
+        def change(tx: Tx) -> int:
+            return prune_events(tx, older_than_us=cutoff, batch=PURGE_BATCH)
+
+        deleted: int = await self._writer.submit(change)
+        return deleted
+
     # --- idempotency ------------------------------------------------------------
 
     async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:
@@ -500,8 +548,10 @@ class SqliteSessionRepository:
             try:
                 while await self.purge_expired_answers() == PURGE_BATCH:
                     pass
+                while await self.prune_events() == PURGE_BATCH:
+                    pass
             except Exception:
-                log.warning("purging expired Idempotency-Keys failed; will retry", exc_info=True)
+                log.warning("purging expired Idempotency-Keys or events failed; will retry", exc_info=True)
 
     async def purge_expired_answers(self) -> int:
         """Delete up to PURGE_BATCH expired Idempotency-Key answers; return how many."""

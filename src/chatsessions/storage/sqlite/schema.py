@@ -111,6 +111,26 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX citations_by_doc ON citations (tenant, doc_id, created_at DESC, session_id, seq, ordinal);
     CREATE INDEX citations_by_session ON citations (session_pk, seq);
     """,
+    # 5 (issue 12): change events, written in the transaction of the change they describe.
+    # AUTOINCREMENT: an id is never reused, and sqlite_sequence keeps the highest one ever
+    # given (the tenant feed's current position even when every event was pruned).
+    """
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant      TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        version     INTEGER NOT NULL,   -- the session's version after the change
+        type        TEXT NOT NULL,
+        data        TEXT NOT NULL,      -- one line of JSON, as the feeds send it
+        user_id     TEXT,               -- the session's links after the change (tenant-feed filters)
+        document_id TEXT,
+        section_id  TEXT,
+        created_at  INTEGER NOT NULL    -- microseconds since 1970-01-01 UTC (retention)
+    );
+    CREATE INDEX events_by_session ON events (tenant, session_id, version);
+    CREATE INDEX events_by_tenant ON events (tenant, id);
+    CREATE INDEX events_by_age ON events (created_at);
+    """,
 )
 
 
