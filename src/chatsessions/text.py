@@ -10,6 +10,7 @@ only ever see tokens made of letters and digits.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ _PHRASE = re.compile(r'"([^"]*)"?')  # a quote left open runs to the end of the 
 SNIPPET_CHARS = 300
 # Words a message contributes to the index at most (PostgreSQL keeps positions up to 16,383).
 MAX_INDEXED_WORDS = 16_000
+# Longer "words" (a base64 blob, a hash) are not indexed: PostgreSQL refuses lexemes over 2 KiB.
+MAX_WORD_CHARS = 200
 
 
 def fold(text: str) -> str:
@@ -38,10 +41,20 @@ def words(text: str) -> list[str]:
     return _WORD.findall(fold(text))
 
 
+def index_text(text: str) -> str:
+    """The folded text a message is indexed under, for an engine that splits words itself.
+
+    SQLite's unicode61 tokenizer splits it into the same words as `words` (runs of
+    letters and digits), in C; the query's words are quoted phrases it splits alike.
+    """
+    # A word is rarely longer than 40 characters: the first MAX_INDEXED_WORDS fit in this prefix.
+    return fold(text[: MAX_INDEXED_WORDS * 40])
+
+
 def index_words(text: str) -> list[str]:
     """The words a message is indexed under: its first MAX_INDEXED_WORDS."""
-    # A word is rarely longer than 40 characters: fold only the part that can hold them.
-    return words(text[: MAX_INDEXED_WORDS * 40])[:MAX_INDEXED_WORDS]
+    found = _WORD.findall(index_text(text))
+    return [word for word in found if len(word) <= MAX_WORD_CHARS][:MAX_INDEXED_WORDS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +115,33 @@ def content_text(content: object) -> str:
 def match_expression(query: SearchQuery) -> str:
     """The query as an FTS5 expression over quoted words only (no client syntax can reach FTS5)."""
     return " AND ".join('"' + " ".join(phrase) + '"' for phrase in query.phrases)
+
+
+def tenant_token(tenant: str) -> str:
+    """The word that scopes a tenant's messages in a full-text index (letters and digits only)."""
+    return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
+
+
+def role_token(role: str) -> str:
+    return "r" + role
+
+
+def tsvector_literal(tenant: str, role: str, found: list[str]) -> str:
+    """A PostgreSQL tsvector of `found` (positions from 1) plus the scope words (without positions)."""
+    positions: dict[str, list[int]] = {}
+    for at, word in enumerate(found, start=1):
+        positions.setdefault(word, []).append(at)
+    # Words hold letters and digits only: nothing in them needs quoting beyond the quotes.
+    lexemes = [f"'{word}':{','.join(map(str, at))}" for word, at in positions.items()]
+    return " ".join([f"'{tenant_token(tenant)}'", f"'{role_token(role)}'", *lexemes])
+
+
+def tsquery_literal(tenant: str, role: str | None, query: SearchQuery) -> str:
+    """A PostgreSQL tsquery: the tenant's (and role's) scope word and every phrase of `query`."""
+    parts = [f"'{tenant_token(tenant)}'"]
+    if role is not None:
+        parts.append(f"'{role_token(role)}'")
+    for phrase in query.phrases:
+        joined = " <-> ".join(f"'{word}'" for word in phrase)
+        parts.append(f"({joined})" if len(phrase) > 1 else joined)
+    return " & ".join(parts)

@@ -237,31 +237,6 @@ async def test_reads_do_not_wait_for_the_writer(repo: SqliteSessionRepository) -
     assert [m.content for m in items] == ["committed", "queued"]
 
 
-async def test_a_page_stops_before_the_byte_limit(tmp_path: Path) -> None:
-    repository = await SqliteSessionRepository.open(settings_for(tmp_path / "data", max_page_bytes=10_000))
-    try:
-        await repository.create_session(T, SessionCreate(id="s"))
-        await repository.append_messages(T, "s", [MessageCreate(role=Role.user, content="é" * 2000)] * 12)
-        seen: list[int] = []
-        after = 0
-        while True:
-            items, more = await repository.list_messages(T, "s", MessageQuery(after=after, limit=1000))
-            assert sum(len(m.content.encode()) for m in items) <= 10_000
-            assert len(items) == 2  # 4,000 bytes each: a third would pass 10,000
-            seen += [m.seq for m in items]
-            after = items[-1].seq
-            if not more:
-                break
-        assert seen == list(range(1, 13))
-        big = [MessageCreate(role=Role.user, content="x" * 20_000)]
-        await repository.append_messages(T, "s", big)
-        items, more = await repository.list_messages(T, "s", MessageQuery(after=12))
-        assert [m.seq for m in items] == [13]  # a page always holds one message
-        assert not more
-    finally:
-        await repository.aclose()
-
-
 def render(session: Session, messages: list[Message]) -> StoredResponse:
     return StoredResponse(201, f'{{"version":{session.version}}}'.encode(), {"ETag": session.etag})
 

@@ -9,6 +9,10 @@ from typing import Any
 
 from chatsessions.errors import PreconditionFailed
 from chatsessions.models import (
+    Citation,
+    CitationCursor,
+    CitationFilter,
+    CitationListing,
     Message,
     MessageCreate,
     MessageQuery,
@@ -193,3 +197,51 @@ def cited_doc_ids(references: list[Any] | None) -> list[tuple[int, str, Any]]:
         for i, ref in enumerate(references or [])
         if isinstance(ref, dict) and isinstance(ref.get("doc_id"), str)
     ]
+
+
+def citations_sql(
+    *,
+    tenant: str,
+    doc_id: str,
+    filters: CitationFilter,
+    limit: int,
+    cursor: CitationCursor | None,
+    placeholder: Callable[[int], str],
+    moment: Callable[[datetime], Any],
+) -> tuple[str, list[Any]]:
+    """SQL and arguments of one citations page: newest first, then session id, seq and reference index.
+
+    Both backends keep `citations (tenant, doc_id, created_at, session_id, seq, ordinal, reference)`
+    under an index in exactly that order, so a page is one range scan. Rows are
+    `(session_id, seq, created_at, ordinal, reference)`; ask for `limit + 1`.
+    """
+    args: list[Any] = [tenant, doc_id]
+    join = ""
+    where = [f"c.tenant = {placeholder(1)}", f"c.doc_id = {placeholder(2)}"]
+    for column, value in (("user_id", filters.user_id), ("section_id", filters.section_id)):
+        if value is not None:
+            join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
+            args.append(value)
+            where.append(f"s.{column} = {placeholder(len(args))}")
+    if cursor is not None:
+        args += [moment(cursor.created_at), cursor.session_id, cursor.seq, cursor.ordinal]
+        t, i, q, o = (placeholder(n) for n in range(len(args) - 3, len(args) + 1))
+        where.append(
+            f"c.created_at <= {t} AND (c.created_at < {t} OR (c.session_id, c.seq, c.ordinal) > ({i}, {q}, {o}))"
+        )
+    args.append(limit)
+    sql = (
+        f"SELECT c.session_id, c.seq, c.created_at, c.ordinal, c.reference FROM citations c{join} "
+        f"WHERE {' AND '.join(where)} ORDER BY c.created_at DESC, c.session_id, c.seq, c.ordinal "
+        f"LIMIT {placeholder(len(args))}"
+    )
+    return sql, args
+
+
+def citation_listing(found: list[tuple[Citation, int]], limit: int) -> CitationListing:
+    """The listing of up to `limit` citations out of `found` (fetched with `limit + 1`, with their ordinals)."""
+    page = [citation for citation, _ in found[:limit]]
+    if len(found) <= limit or not page:
+        return CitationListing(page, None)
+    last, ordinal = found[limit - 1]
+    return CitationListing(page, CitationCursor(last.created_at, last.session_id, last.seq, ordinal))

@@ -117,12 +117,12 @@ WITH changed AS (
     RETURNING {SESSION_COLUMNS}
 ),
 added AS (
-    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
+    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs, words)
     SELECT $1, $2, c.last_seq - $3::bigint + m.n, m.role, m.content, m.content_raw, c.updated_at,
-           m.metadata::jsonb, m.refs::jsonb
+           m.metadata::jsonb, m.refs::jsonb, m.words::tsvector
     FROM changed c,
-         unnest($6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[])
-             WITH ORDINALITY AS m(role, content, content_raw, metadata, refs, n)
+         unnest($6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[])
+             WITH ORDINALITY AS m(role, content, content_raw, metadata, refs, words, n)
 )
 SELECT true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
@@ -156,12 +156,13 @@ changed AS (
     RETURNING l.i, l.n, s.tenant, {_S_SESSION_COLUMNS}
 ),
 added AS (
-    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs)
+    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs, words)
     SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, m.role, m.content, m.content_raw, c.updated_at,
-           m.metadata::jsonb, m.refs::jsonb
+           m.metadata::jsonb, m.refs::jsonb, m.words::tsvector
     FROM changed c
-    JOIN unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[], $12::text[])
-        AS m(i, ord, role, content, content_raw, metadata, refs) ON m.i = c.i
+    JOIN unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[], $12::text[],
+                $13::text[])
+        AS m(i, ord, role, content, content_raw, metadata, refs, words) ON m.i = c.i
 )
 SELECT i, true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
@@ -170,6 +171,30 @@ FROM wanted w JOIN sessions s ON s.tenant = w.tenant AND s.id = w.id
 WHERE NOT EXISTS (SELECT FROM changed c WHERE c.i = w.i)
 """
 
+# Arguments: tenant, session id, created_at, then `rows.citation_arrays`. Runs in the append's
+# transaction, after APPEND (citations reference their message).
+INSERT_CITATIONS = """
+INSERT INTO citations (tenant, session_id, created_at, seq, ordinal, doc_id, reference)
+SELECT $1, $2, $3, c.seq, c.ordinal, c.doc_id, c.reference::jsonb
+FROM unnest($4::bigint[], $5::integer[], $6::text[], $7::text[]) AS c(seq, ordinal, doc_id, reference)
+"""
+
+# Arguments: the tsquery (rows.tsquery_literal), limit, offset, then the session filters. Only
+# (session, seq, rank) of the matches are sorted; contents are read for the page alone.
+SEARCH = """
+SELECT m.session_id, m.seq, m.role, m.created_at, m.content, m.content_raw
+FROM (
+    SELECT m.tenant, m.session_id, m.seq, ts_rank(m.words, $1::tsquery) AS score
+    FROM messages m{join}
+    WHERE m.words @@ $1::tsquery{filters}
+    ORDER BY score DESC, m.session_id, m.seq
+    LIMIT $2 OFFSET $3
+) h
+JOIN messages m ON m.tenant = h.tenant AND m.session_id = h.session_id AND m.seq = h.seq
+ORDER BY h.score DESC, h.session_id, h.seq
+"""
+SEARCH_JOIN = " JOIN sessions s ON s.tenant = m.tenant AND s.id = m.session_id"
+
 # Both run after LOCK_SESSION, in its transaction, so no append slips in between.
 CLEAR_MESSAGES = "DELETE FROM messages WHERE tenant = $1 AND session_id = $2"
 # Arguments: tenant, id, version, updated_at.
@@ -177,14 +202,28 @@ CLEAR_COUNTERS = "UPDATE sessions SET message_count = 0, version = $3, updated_a
 
 
 def _page_sql(order: str) -> str:
-    # One statement, one snapshot: whether the session exists and its page agree.
+    # One statement, one snapshot: whether the session exists and its page agree. Arguments:
+    # tenant, id, after, before, limit, most content bytes. `kept` says whether a message is in
+    # the page: the first always is, a later one while the running total of content bytes stays
+    # within the bound; the content of a message left out is not sent (octet_length does not
+    # read a value that was moved out of line).
     return f"""
-SELECT m.*
+SELECT m.seq, m.role, m.created_at, m.metadata, m.refs, m.kept,
+       CASE WHEN m.kept THEN m.content END AS content, CASE WHEN m.kept THEN m.content_raw END AS content_raw
 FROM sessions s
 LEFT JOIN LATERAL (
-    SELECT {MESSAGE_COLUMNS} FROM messages
-    WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
-    ORDER BY seq {order} LIMIT $5
+    SELECT p.*, (p.n = 1 OR p.running <= $6) AS kept
+    FROM (
+        SELECT {MESSAGE_COLUMNS},
+               row_number() OVER w AS n,
+               sum(coalesce(octet_length(content), octet_length(content_raw))) OVER w AS running
+        FROM (
+            SELECT {MESSAGE_COLUMNS} FROM messages
+            WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
+            ORDER BY seq {order} LIMIT $5
+        ) page
+        WINDOW w AS (ORDER BY seq {order})
+    ) p
 ) m ON true
 WHERE s.tenant = $1 AND s.id = $2
 ORDER BY m.seq {order}

@@ -23,11 +23,19 @@ from chatsessions.errors import (
     StorageUnavailable,
 )
 from chatsessions.models import (
+    Citation,
+    CitationCursor,
+    CitationFilter,
+    CitationListing,
     IdempotencyRequest,
     Message,
     MessageCreate,
     MessageQuery,
     Precondition,
+    Role,
+    SearchFilter,
+    SearchHit,
+    SearchResult,
     Session,
     SessionCreate,
     SessionCursor,
@@ -54,6 +62,7 @@ from chatsessions.storage.postgres.writer import (
     run_appends,
     run_creates,
 )
+from chatsessions.text import SearchQuery, content_text, snippet, tsquery_literal
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -109,8 +118,10 @@ class PostgresSessionRepository:
         idempotency_ttl: float,
         idempotency_lease: float = IDEMPOTENCY_LEASE_SECONDS,
         observer: StoreObserver | None = None,
+        max_page_bytes: int = 8 * 2**20,
     ) -> None:
         self._pool = pool
+        self._max_page_bytes = max_page_bytes
         self._timeout = timeout
         self._idempotency_ttl = idempotency_ttl
         self._idempotency_lease = idempotency_lease
@@ -151,7 +162,13 @@ class PostgresSessionRepository:
                 reset=_keep_session_state,
                 server_settings={"search_path": f'"{schema}"', "application_name": application_name(schema)},
             )
-        return cls(pool, timeout=timeout, idempotency_ttl=settings.idempotency_ttl_seconds, observer=observer)
+        return cls(
+            pool,
+            timeout=timeout,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
+            observer=observer,
+            max_page_bytes=settings.max_page_bytes,
+        )
 
     # --- connections ----------------------------------------------------------
 
@@ -311,10 +328,13 @@ class PostgresSessionRepository:
         if_match: Precondition | None = None,
         idempotency: IdempotencyRequest | None = None,
     ) -> tuple[Session, list[Message]]:
-        arrays = rows.message_arrays(messages)
+        arrays = rows.message_arrays(tenant, messages)
         batchable, expected = _expected(if_match)
-        _, content, _, metadata, refs = arrays
-        if idempotency is None and batchable and rows.storable(itertools.chain(content, metadata, refs)):
+        _, content, _, metadata, refs, _ = arrays
+        # Citations go in by a second statement (they reference their messages): not batched.
+        cites = any(common.cited_doc_ids(m.references) for m in messages)
+        alone = idempotency is not None or cites
+        if not alone and batchable and rows.storable(itertools.chain(content, metadata, refs)):
             weight = sum(len(m.content) + MESSAGE_WEIGHT for m in messages)
             pending = PendingAppend(
                 tenant=tenant,
@@ -332,17 +352,21 @@ class PostgresSessionRepository:
         # By itself: under an Idempotency-Key, with an If-Match of several versions, or after a lost race.
         args = (len(messages), utcnow(), _versions(if_match), *arrays)
         for _ in range(RACE_ATTEMPTS):
-            if idempotency is None:
+            if not alone:
                 async with self._writing() as conn:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
                 result = self._appended(session_id, row, messages, if_match)
             else:
-                # The answer is rendered here from the result, so it takes a second statement;
-                # the transaction commits it with the change.
+                # Citations and the answer under a key are made from the result, so they take
+                # more statements; the transaction commits them with the change.
                 async with self._transaction() as conn:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
                     result = self._appended(session_id, row, messages, if_match)
-                    if result is not None:
+                    if result is not None and cites:
+                        session, added = result
+                        citations = rows.citation_arrays(added)
+                        await conn.execute(q.INSERT_CITATIONS, tenant, session_id, session.updated_at, *citations)
+                    if result is not None and idempotency is not None:
                         await self._store_answer(
                             conn,
                             tenant=tenant,
@@ -371,11 +395,14 @@ class PostgresSessionRepository:
     async def list_messages(self, tenant: str, session_id: str, query: MessageQuery) -> tuple[list[Message], bool]:
         after, before = common.seq_bounds(query)
         async with self._connection() as conn:
-            found = await conn.fetch(q.page_query(query.order), tenant, session_id, after, before, query.limit + 1)
+            found = await conn.fetch(
+                q.page_query(query.order), tenant, session_id, after, before, query.limit + 1, self._max_page_bytes
+            )
         if not found:
             raise SessionNotFound(session_id)
-        page = [rows.message_from(row) for row in found if row["seq"] is not None]
-        return page[: query.limit], len(page) > query.limit
+        present = [row for row in found if row["seq"] is not None]
+        page = [rows.message_from(row) for row in present if row["kept"]]
+        return page[: query.limit], len(present) > min(len(page), query.limit)
 
     async def get_message(self, tenant: str, session_id: str, seq: int) -> Message:
         # Out of bigint range: no such message, but the query still tells whether the session exists.
@@ -395,6 +422,67 @@ class PostgresSessionRepository:
             session = common.after_clear(current, now=common.change_time(current))
             await conn.execute(q.CLEAR_COUNTERS, tenant, session_id, session.version, session.updated_at)
         return session
+
+    # --- search and citations ----------------------------------------------------
+
+    async def search(
+        self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
+    ) -> SearchResult:
+        tsquery = tsquery_literal(tenant, filters.role.value if filters.role else None, query)
+        args: list[Any] = [tsquery, limit + 1, offset]
+        clauses = ""
+        for column, value in (
+            ("user_id", filters.user_id),
+            ("document_id", filters.document_id),
+            ("section_id", filters.section_id),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses += f" AND s.{column} = ${len(args)}"
+        sql = q.SEARCH.format(join=q.SEARCH_JOIN if clauses else "", filters=clauses)
+        async with self._connection() as conn:
+            found = await conn.fetch(sql, *args)
+        hits = [
+            SearchHit(
+                session_id=row["session_id"],
+                seq=row["seq"],
+                role=Role(row["role"]),
+                created_at=row["created_at"],
+                snippet=snippet(content_text(rows.content_of(row)), query),
+            )
+            for row in found
+        ]
+        return SearchResult(hits[:limit], offset + limit if len(hits) > limit else None)
+
+    async def list_citations(
+        self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
+    ) -> CitationListing:
+        sql, args = common.citations_sql(
+            tenant=tenant,
+            doc_id=doc_id,
+            filters=filters,
+            limit=limit + 1,
+            cursor=cursor,
+            placeholder=lambda n: f"${n}",
+            moment=rows.moment,
+        )
+        async with self._connection() as conn:
+            found = await conn.fetch(sql, *args)
+        return common.citation_listing(
+            [
+                (
+                    Citation(
+                        session_id=row["session_id"],
+                        seq=row["seq"],
+                        created_at=row["created_at"],
+                        reference=json.loads(row["reference"]),
+                    ),
+                    row["ordinal"],
+                )
+                for row in found
+            ],
+            limit,
+        )
 
     # --- idempotency ----------------------------------------------------------
 

@@ -11,6 +11,8 @@ from typing import Any
 import asyncpg
 
 from chatsessions.models import Message, MessageCreate, Role, Session
+from chatsessions.storage.common import cited_doc_ids
+from chatsessions.text import content_text, index_words, tsvector_literal
 
 # What PostgreSQL text cannot hold: NUL, and (not being UTF-8) unpaired surrogates.
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -111,8 +113,8 @@ def storable(values: Iterable[Any]) -> bool:
     return True
 
 
-def message_arrays(messages: list[MessageCreate]) -> tuple[list[Any], ...]:
-    """The message arrays of `queries.APPEND` (role, content, content_raw, metadata, refs)."""
+def message_arrays(tenant: str, messages: list[MessageCreate]) -> tuple[list[Any], ...]:
+    """The message arrays of `queries.APPEND` (role, content, content_raw, metadata, refs, words)."""
     raw = [_raw_content(m.content) for m in messages]
     return (
         [m.role.value for m in messages],
@@ -120,4 +122,24 @@ def message_arrays(messages: list[MessageCreate]) -> tuple[list[Any], ...]:
         raw,
         [dump(m.metadata) for m in messages],
         [dump(m.references) for m in messages],
+        [_words(tenant, m) for m in messages],
     )
+
+
+def _words(tenant: str, message: MessageCreate) -> str | None:
+    found = index_words(content_text(message.content))
+    return tsvector_literal(tenant, message.role.value, found) if found else None
+
+
+def citation_arrays(messages: list[Message]) -> tuple[list[Any], ...]:
+    """The arrays of `queries.INSERT_CITATIONS` after (tenant, session id): seq, ordinal, doc_id, reference."""
+    found = [
+        (m.seq, ordinal, doc_id, dump(ref)) for m in messages for ordinal, doc_id, ref in cited_doc_ids(m.references)
+    ]
+    return tuple(list(column) for column in zip(*found, strict=True)) if found else ([], [], [], [])
+
+
+def content_of(row: asyncpg.Record) -> str:
+    """A message row's content (text, or the bytes text could not hold)."""
+    content: str | None = row["content"]
+    return content if content is not None else bytes(row["content_raw"]).decode("utf-8", "surrogatepass")

@@ -77,6 +77,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
         """,
     ),
+    # Versions 2-4 are the message shape, lifecycle and change feed steps.
+    Migration(
+        5,
+        "full-text search and citations",
+        """
+        -- The message's folded words (chatsessions.text) with positions, plus a tenant and a
+        -- role word without positions, so the GIN index finds only the tenant's messages.
+        ALTER TABLE messages ADD COLUMN words tsvector;
+        CREATE INDEX messages_words ON messages USING gin (words);
+
+        CREATE TABLE citations (
+            tenant     text COLLATE "C" NOT NULL,
+            doc_id     text COLLATE "C" NOT NULL,
+            created_at timestamptz NOT NULL,
+            session_id text COLLATE "C" NOT NULL,
+            seq        bigint NOT NULL,
+            ordinal    integer NOT NULL,
+            reference  jsonb NOT NULL,
+            PRIMARY KEY (tenant, session_id, seq, ordinal),
+            FOREIGN KEY (tenant, session_id, seq) REFERENCES messages (tenant, session_id, seq) ON DELETE CASCADE
+        );
+        CREATE INDEX citations_by_doc ON citations (tenant, doc_id, created_at DESC, session_id, seq, ordinal);
+        """,
+    ),
 )
 
 _MIGRATIONS_TABLE = """

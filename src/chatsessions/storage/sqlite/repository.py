@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from typing import Any
 
@@ -61,6 +60,8 @@ from chatsessions.storage.common import (
     after_clear,
     change_time,
     check_precondition,
+    citation_listing,
+    citations_sql,
     cited_doc_ids,
     from_us,
     listing_page,
@@ -81,14 +82,17 @@ from chatsessions.storage.sqlite.events import (
 from chatsessions.storage.sqlite.reader import Readers
 from chatsessions.storage.sqlite.schema import DataDirLock, Location, configure_writer, migrate
 from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
-from chatsessions.text import SearchQuery, content_text, index_words, match_expression, snippet
+from chatsessions.text import (
+    SearchQuery,
+    content_text,
+    index_text,
+    match_expression,
+    role_token,
+    snippet,
+    tenant_token,
+)
 
 log = logging.getLogger("chatsessions.sqlite")
-
-
-def tenant_token(tenant: str) -> str:
-    """The word that scopes a tenant's messages in the full-text index (letters and digits only)."""
-    return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
 
 
 def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
@@ -203,9 +207,10 @@ class SqliteSessionRepository:
         tenant_scope = tenant_token(tenant)
         for message in added:
             (rowid,) = next(conn.execute(rows.INSERT_MESSAGE, rows.message_values(pk, message)))
-            found = index_words(content_text(message.content))
-            if found:
-                conn.execute(rows.INDEX_WORDS, (rowid, f"{tenant_scope} r{message.role.value}", " ".join(found)))
+            indexed = index_text(content_text(message.content))
+            if indexed:
+                scope = f"{tenant_scope} {role_token(message.role.value)}"
+                conn.execute(rows.INDEX_WORDS, (rowid, scope, indexed))
             created = to_us(message.created_at)
             for ordinal, doc_id, reference in cited_doc_ids(message.references):
                 citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
@@ -414,7 +419,7 @@ class SqliteSessionRepository:
     ) -> SearchResult:
         expression = f'scope : "{tenant_token(tenant)}"'
         if filters.role is not None:
-            expression += f' AND scope : "r{filters.role.value}"'
+            expression += f' AND scope : "{role_token(filters.role.value)}"'
         expression += f" AND words : ({match_expression(query)})"
         clauses, args = _session_clauses(
             "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
@@ -444,32 +449,23 @@ class SqliteSessionRepository:
     async def list_citations(
         self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
     ) -> CitationListing:
-        clauses, args = _session_clauses("s", user_id=filters.user_id, section_id=filters.section_id)
-        join = " JOIN sessions s ON s.pk = c.session_pk" if clauses else ""
-        if cursor is not None:
-            at = to_us(cursor.created_at)
-            clauses += " AND c.created_at <= ? AND (c.created_at < ? OR (c.session_id, c.seq, c.ordinal) > (?, ?, ?))"
-            args += [at, at, cursor.session_id, cursor.seq, cursor.ordinal]
-        sql = rows.CITATIONS.format(join=join, filters=clauses)
-        parameters = (tenant, doc_id, *args, limit + 1)
+        sql, args = citations_sql(
+            tenant=tenant,
+            doc_id=doc_id,
+            filters=filters,
+            limit=limit + 1,
+            cursor=cursor,
+            placeholder=lambda n: f"?{n}",
+            moment=to_us,
+        )
 
         def read(conn: apsw.Connection) -> list[tuple[Citation, int]]:
             return [
-                (
-                    Citation(session_id=sid, seq=seq, created_at=from_us(created), reference=from_json(reference)),
-                    ordinal,
-                )
-                for sid, seq, created, ordinal, reference in conn.execute(sql, parameters)
+                (Citation(session_id=sid, seq=seq, created_at=from_us(at), reference=from_json(reference)), ordinal)
+                for sid, seq, at, ordinal, reference in conn.execute(sql, args)
             ]
 
-        found = await self._readers.run(read)
-        page = found[:limit]
-        if len(found) <= limit or not page:
-            return CitationListing([c for c, _ in page], None)
-        last, ordinal = page[-1]
-        return CitationListing(
-            [c for c, _ in page], CitationCursor(last.created_at, last.session_id, last.seq, ordinal)
-        )
+        return citation_listing(await self._readers.run(read), limit)
 
     # --- change events ------------------------------------------------------------
 

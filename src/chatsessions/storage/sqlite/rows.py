@@ -57,13 +57,7 @@ JOIN sessions s ON s.pk = m.session_pk
 ORDER BY h.score, h.hit
 """
 SEARCH_JOIN = " JOIN messages m ON m.rowid = w.rowid JOIN sessions s ON s.pk = m.session_pk"
-CITATIONS = """
-SELECT c.session_id, c.seq, c.created_at, c.ordinal, c.reference
-FROM citations c{join}
-WHERE c.tenant = ? AND c.doc_id = ?{filters}
-ORDER BY c.created_at DESC, c.session_id, c.seq, c.ordinal
-LIMIT ?
-"""
+
 PAGE_ASC = "SELECT size, body FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? ORDER BY seq ASC LIMIT ?"
 PAGE_DESC = "SELECT size, body FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? ORDER BY seq DESC LIMIT ?"
 ANY_AFTER = "SELECT 1 FROM messages WHERE session_pk = ? AND seq > ? AND seq < ? LIMIT 1"

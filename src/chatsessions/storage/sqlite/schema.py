@@ -90,8 +90,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: full-text search and citations, kept in the transaction of the messages they index.
     """
-    -- Contentless FTS5 (the text lives once, in messages.body): `words` holds the message's
-    -- folded words (chatsessions.text), `scope` a tenant token and a role token, so a search
+    -- Contentless FTS5 (the text lives once, in messages.body): `words` indexes the message's
+    -- folded text (chatsessions.text), `scope` a tenant token and a role token, so a search
     -- matches only the tenant's messages. Deletable by rowid (= messages.rowid).
     CREATE VIRTUAL TABLE message_words USING fts5(
         scope, words, content = '', contentless_delete = 1, tokenize = 'unicode61 remove_diacritics 0'
