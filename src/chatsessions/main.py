@@ -47,7 +47,7 @@ async def build_repository(
         return await SqliteSessionRepository.open(settings, observer=observer, sink=sink)
     from chatsessions.storage.postgres import PostgresSessionRepository
 
-    return await PostgresSessionRepository.open(settings, observer=observer)
+    return await PostgresSessionRepository.open(settings, observer=observer, sink=sink)
 
 
 def _problem_openapi(app: FastAPI) -> dict[str, Any]:

@@ -50,6 +50,13 @@ from chatsessions.storage import common
 from chatsessions.storage.base import NullObserver, StoreObserver
 from chatsessions.storage.postgres import queries as q
 from chatsessions.storage.postgres import rows
+from chatsessions.storage.postgres.events import (
+    EventFollower,
+    forget_session_events,
+    read_session_events,
+    read_tenant_events,
+    record_events,
+)
 from chatsessions.storage.postgres.faults import translate_errors
 from chatsessions.storage.postgres.schema import application_name, migrate
 from chatsessions.storage.postgres.writer import (
@@ -59,6 +66,7 @@ from chatsessions.storage.postgres.writer import (
     PendingAppend,
     PendingCreate,
     RunAlone,
+    created_event,
     run_appends,
     run_creates,
 )
@@ -103,6 +111,21 @@ def _expected(if_match: Precondition | None) -> tuple[bool, int | None]:
     return False, None
 
 
+def _deleted_event(tenant: str, session_id: str, row: asyncpg.Record) -> ev.EventDraft:
+    """session.deleted from `queries.DELETE_SESSION`'s row (the deleted version and links)."""
+    data = json.dumps({"session_id": session_id, "version": row["version"] + 1}, separators=(",", ":"))
+    return ev.EventDraft(
+        tenant,
+        session_id,
+        row["version"] + 1,
+        ev.SESSION_DELETED,
+        data,
+        row["user_id"],
+        row["document_id"],
+        row["section_id"],
+    )
+
+
 def _lost_race(session_id: str) -> StorageUnavailable:
     return StorageUnavailable(f"session {session_id!r} is changing too fast; retry")
 
@@ -133,15 +156,20 @@ class PostgresSessionRepository:
         self._creates = GroupCommit(
             run_creates, connection=self._connection, observer=self._observer, name="chatsessions-creates"
         )
+        self._follower: EventFollower | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, observer: StoreObserver | None = None) -> PostgresSessionRepository:
+    async def open(
+        cls, settings: Settings, *, observer: StoreObserver | None = None, sink: ev.EventSink | None = None
+    ) -> PostgresSessionRepository:
         """Migrate the schema, then open the connection pool.
 
         Args:
             settings: `postgres_dsn`, `postgres_schema`, pool bounds and timeout are used.
             observer: told of every write transaction (`commit`, with the number of changes it
                 held) and of the group-commit queues' depth (`queue_depth`).
+            sink: receives every change event any replica commits, in id order
+                (`events.EventFollower`); None: events are recorded, not followed.
 
         Raises:
             StorageUnavailable: no DSN is configured, or PostgreSQL cannot be reached.
@@ -151,6 +179,7 @@ class PostgresSessionRepository:
             raise StorageUnavailable("the postgres store needs CHATSESSIONS_POSTGRES_DSN")
         schema = settings.postgres_schema
         timeout = settings.postgres_timeout_seconds
+        server_settings = {"search_path": f'"{schema}"', "application_name": application_name(schema)}
         with translate_errors():
             await migrate(dsn, schema=schema, connect_timeout=timeout)
             pool = await asyncpg.create_pool(
@@ -160,15 +189,32 @@ class PostgresSessionRepository:
                 timeout=timeout,
                 command_timeout=timeout,
                 reset=_keep_session_state,
-                server_settings={"search_path": f'"{schema}"', "application_name": application_name(schema)},
+                server_settings=server_settings,
             )
-        return cls(
+        repository = cls(
             pool,
             timeout=timeout,
             idempotency_ttl=settings.idempotency_ttl_seconds,
             observer=observer,
             max_page_bytes=settings.max_page_bytes,
         )
+        if sink is not None:
+            follower = EventFollower(
+                dsn=dsn,
+                schema=schema,
+                connection=repository._connection,
+                sink=sink,
+                server_settings=server_settings,
+                retention_seconds=settings.events_retention_seconds,
+            )
+            try:
+                with translate_errors():
+                    await follower.start()
+            except BaseException:
+                await pool.close()
+                raise
+            repository._follower = follower
+        return repository
 
     # --- connections ----------------------------------------------------------
 
@@ -227,7 +273,7 @@ class PostgresSessionRepository:
             created, _ = await self._create(tenant, session.id, values)
         else:  # the answer commits with the session, in the same statement
             answer = idempotency.render(session, [])
-            async with self._writing() as conn:
+            async with self._transaction() as conn:
                 created = await conn.fetchval(
                     q.INSERT_SESSION_ANSWERED,
                     tenant,
@@ -240,6 +286,8 @@ class PostgresSessionRepository:
                     rows.dump(answer.headers),
                     self._idempotency_ttl,
                 )
+                if created:
+                    await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CREATED)])
         if not created:
             raise SessionExists(session.id)
         return session
@@ -268,8 +316,10 @@ class PostgresSessionRepository:
                 PendingCreate(tenant=tenant, session_id=session_id, weight=weight, values=values)
             )
         if isinstance(outcome, RunAlone):
-            async with self._writing() as conn:
+            async with self._transaction() as conn:
                 outcome = await conn.fetchrow(q.GET_OR_INSERT_SESSION, tenant, session_id, *values)
+                if outcome is not None and outcome["created"]:
+                    await record_events(conn, [created_event(tenant, outcome)])
         if outcome is None:
             return False, None
         return bool(outcome["created"]), None if outcome["created"] else outcome
@@ -302,14 +352,18 @@ class PostgresSessionRepository:
                 session.version,
                 session.updated_at,
             )
+            await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_UPDATED)])
         return session
 
     async def delete_session(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> None:
         # Messages go with the row: ON DELETE CASCADE.
         versions = _versions(if_match)
         for _ in range(RACE_ATTEMPTS):
-            async with self._writing() as conn:
+            async with self._transaction() as conn:
                 row = await conn.fetchrow(q.DELETE_SESSION, tenant, session_id, versions)
+                if row is not None and row["found"]:
+                    await forget_session_events(conn, tenant, session_id)
+                    await record_events(conn, [_deleted_event(tenant, session_id, row)])
             if row is None:
                 raise SessionNotFound(session_id)
             if row["found"]:
@@ -343,6 +397,7 @@ class PostgresSessionRepository:
                 count=len(messages),
                 expected=expected,
                 arrays=arrays,
+                messages=messages,
             )
             outcome = await self._appends.submit(pending)
             if not isinstance(outcome, RunAlone):
@@ -353,9 +408,11 @@ class PostgresSessionRepository:
         args = (len(messages), utcnow(), _versions(if_match), *arrays)
         for _ in range(RACE_ATTEMPTS):
             if not alone:
-                async with self._writing() as conn:
+                async with self._transaction() as conn:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
-                result = self._appended(session_id, row, messages, if_match)
+                    result = self._appended(session_id, row, messages, if_match)
+                    if result is not None:
+                        await record_events(conn, [ev.messages_event(tenant, *result)])
             else:
                 # Citations and the answer under a key are made from the result, so they take
                 # more statements; the transaction commits them with the change.
@@ -374,6 +431,8 @@ class PostgresSessionRepository:
                             fingerprint=idempotency.fingerprint,
                             answer=idempotency.render(*result),
                         )
+                    if result is not None:
+                        await record_events(conn, [ev.messages_event(tenant, *result)])
             if result is not None:
                 return result
         raise _lost_race(session_id)
@@ -421,6 +480,8 @@ class PostgresSessionRepository:
             await conn.execute(q.CLEAR_MESSAGES, tenant, session_id)
             session = common.after_clear(current, now=common.change_time(current))
             await conn.execute(q.CLEAR_COUNTERS, tenant, session_id, session.version, session.updated_at)
+            await forget_session_events(conn, tenant, session_id)
+            await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CLEARED)])
         return session
 
     # --- search and citations ----------------------------------------------------
@@ -515,15 +576,17 @@ class PostgresSessionRepository:
 
     # --- lifecycle --------------------------------------------------------------
 
-    # --- change events (issue 12: recorded on the sqlite store so far) ------------
+    # --- change events ---------------------------------------------------------------
 
     async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
-        raise StorageUnavailable("change feeds are not available on the postgres store in this release")
+        async with self._connection() as conn:
+            return await read_session_events(conn, tenant, session_id, after=after, limit=limit)
 
     async def read_tenant_events(
         self, tenant: str, *, after: int | None, filters: ev.TenantFilter, limit: int
     ) -> ev.TenantReplay:
-        raise StorageUnavailable("change feeds are not available on the postgres store in this release")
+        async with self._connection() as conn:
+            return await read_tenant_events(conn, tenant, after=after, filters=filters, limit=limit)
 
     async def check_ready(self) -> None:
         async with self._connection() as conn:
@@ -532,6 +595,9 @@ class PostgresSessionRepository:
             raise StorageUnavailable("PostgreSQL is a read-only standby")
 
     async def aclose(self) -> None:
+        if self._follower is not None:
+            await self._follower.aclose()
+            self._follower = None
         await self._appends.aclose()
         await self._creates.aclose()
         try:
