@@ -1,4 +1,4 @@
-"""Two real server processes on one PostgreSQL schema: each feed carries both replicas' changes, same ids, same order."""
+"""Two real server processes on one PostgreSQL schema: both feeds carry both replicas' changes, same ids and order."""
 
 from __future__ import annotations
 
