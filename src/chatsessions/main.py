@@ -16,6 +16,7 @@ from chatsessions.api import health
 from chatsessions.api.appends import append_routes
 from chatsessions.api.auth import install_auth
 from chatsessions.api.citations import build_citations_router
+from chatsessions.api.demo import build_demo_router
 from chatsessions.api.docs import install_docs
 from chatsessions.api.events import build_events_router
 from chatsessions.api.messages import build_messages_router
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
     app.include_router(build_events_router(resolved))
+    app.include_router(build_demo_router())
     app.include_router(health.router)
     install_docs(app)
     app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]

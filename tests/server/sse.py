@@ -27,9 +27,9 @@ async def wire_events(response: httpx.Response) -> AsyncIterator[WireEvent]:
     fields: dict[str, str] = {}
     async for line in response.aiter_lines():
         if line == "":
-            if fields:
+            if "data" in fields:  # an event without data (only `retry:`) is not dispatched
                 yield WireEvent(fields.get("id"), fields.get("event"), fields.get("data"))
-                fields = {}
+            fields = {}
             continue
         if line.startswith(":"):
             yield WireEvent(None, None, None, comment=line[1:].strip())
@@ -37,7 +37,7 @@ async def wire_events(response: httpx.Response) -> AsyncIterator[WireEvent]:
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         fields[name] = fields[name] + "\n" + value if name == "data" and name in fields else value
-    if fields:
+    if "data" in fields:
         yield WireEvent(fields.get("id"), fields.get("event"), fields.get("data"))
 
 

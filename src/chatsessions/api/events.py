@@ -32,6 +32,7 @@ from chatsessions.models import Session
 from chatsessions.storage.base import SessionRepository
 
 REPLAY_PAGE = 500  # recorded events read per query while replaying
+RECONNECT_MS = 1000  # `retry:` sent first: how soon EventSource reconnects after a drop
 
 # The pattern documents what a position looks like; a value outside it is answered by the
 # handler (400 for a session feed, `reset` for the tenant feed), not by validation.
@@ -116,6 +117,7 @@ async def _session_stream(
     *,
     after: int | None,
 ) -> AsyncIterator[ServerSentEvent]:
+    yield ServerSentEvent(retry=RECONNECT_MS)
     last = after
     if after is not None:
         while True:
@@ -152,6 +154,7 @@ async def _tenant_stream(
     after: int | None,
     filters: ev.TenantFilter,
 ) -> AsyncIterator[ServerSentEvent]:
+    yield ServerSentEvent(retry=RECONNECT_MS)
     if after is None:
         replay = await repository.read_tenant_events(tenant, after=None, filters=filters, limit=0)
         last = replay.head
