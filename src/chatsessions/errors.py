@@ -4,6 +4,7 @@ ChatSessionsError
 ├── SessionNotFound          404  no such session for this tenant
 ├── MessageNotFound          404  no message with that seq
 ├── SessionExists            409  create with an id the tenant already has
+├── MessageExists            409  append with a message id the session already has
 ├── PreconditionFailed       412  stale If-Match
 ├── IdempotencyError
 │   ├── IdempotencyInProgress   409  the first request with this key still runs
@@ -42,6 +43,20 @@ class SessionExists(ChatSessionsError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} already exists")
         self.session_id = session_id
+
+
+class MessageExists(ChatSessionsError):
+    """A message id the session already has (`seq` names that message), or one a batch repeats (`seq` None)."""
+
+    def __init__(self, session_id: str, message_id: str, seq: int | None) -> None:
+        if seq is None:
+            detail = f"the batch has two messages with id {message_id!r}; message ids are unique in a session"
+        else:
+            detail = f"session {session_id!r} already has a message with id {message_id!r}: message {seq}"
+        super().__init__(detail)
+        self.session_id = session_id
+        self.message_id = message_id
+        self.seq = seq
 
 
 class PreconditionFailed(ChatSessionsError):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,10 +21,15 @@ from pydantic import (
     JsonValue,
     SerializerFunctionWrapHandler,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapSerializer,
+    WrapValidator,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chatsessions.errors import InvalidInput
 
@@ -44,9 +49,18 @@ def utcnow() -> datetime:
 
 class Role(StrEnum):
     system = "system"
+    developer = "developer"
     user = "user"
     assistant = "assistant"
     tool = "tool"
+
+
+class MessageStatus(StrEnum):
+    """`in_progress` while an assistant message streams; `completed` (the default) or `incomplete` after."""
+
+    completed = "completed"
+    in_progress = "in_progress"
+    incomplete = "incomplete"
 
 
 class Order(StrEnum):
@@ -66,6 +80,147 @@ class SessionSettings(BaseModel):
     model: str | None = None
     mode: str | None = None
     options: JsonObject | None = None
+
+
+# --- message content and tool calls (DESIGN.md "Messages as LLM APIs shape them") ---
+
+MESSAGE_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
+# `name` and `tool_call_id`: participant names and OpenAI's call ids are short.
+ShortName = Annotated[str, StringConstraints(max_length=256)]
+MAX_PARTS = 100
+MAX_TOOL_CALLS = 128
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def _optional() -> Any:
+    """An optional member of a content part: absent from answers when the client left it out."""
+    return Field(default=None, exclude_if=_is_none)
+
+
+class TextPart(BaseModel):
+    """`{"type": "text", "text": ...}`; other keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    """An image by URL (a `data:` URL too); other keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["image"]
+    url: str
+    mime_type: str | None = _optional()
+    detail: str | None = _optional()
+
+
+class FilePart(BaseModel):
+    """A file by URL or by a provider's file id; other keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["file"]
+    url: str | None = _optional()
+    file_id: str | None = _optional()
+    name: str | None = _optional()
+    mime_type: str | None = _optional()
+
+
+class OtherPart(BaseModel):
+    """A part of any other `type` (OpenAI's `image_url`, `input_audio`, `refusal`, ...), kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+
+
+_PART_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    "text": TypeAdapter(TextPart),
+    "image": TypeAdapter(ImagePart),
+    "file": TypeAdapter(FilePart),
+}
+_OTHER_PART: TypeAdapter[OtherPart] = TypeAdapter(OtherPart)
+
+
+def _validate_part(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # Dispatch on `type` by hand: a tagged union would put its tag into every error's loc.
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    adapter = _PART_ADAPTERS.get(kind, _OTHER_PART) if isinstance(kind, str) else _OTHER_PART
+    return adapter.validate_python(value)
+
+
+ContentPart = Annotated[TextPart | ImagePart | FilePart | OtherPart, WrapValidator(_validate_part)]
+ContentParts = Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
+_PARTS: TypeAdapter[list[Any]] = TypeAdapter(ContentParts)
+
+
+def _validate_content(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    # A string, a list of parts or null, each with errors that name the field (no union branch in loc).
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _PARTS.validate_python(value)
+    raise PydanticCustomError("content_type", "Input should be a string, a list of content parts, or null")
+
+
+Content = Annotated[str | ContentParts | None, WrapValidator(_validate_content)]
+
+
+def content_text(content: object) -> str:
+    """The text of a message's content: the string, or its text parts joined by newlines (search, limits, paging)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(text for text in map(_text_of, content) if text is not None)
+    return ""
+
+
+def _text_of(part: object) -> str | None:
+    """The text of a text part (a TextPart, or one as JSON); None for any other part."""
+    if isinstance(part, TextPart):
+        return part.text
+    if isinstance(part, dict) and part.get("type") == "text":
+        text = part.get("text")
+        if isinstance(text, str):
+            return text
+    return None
+
+
+class FunctionCall(BaseModel):
+    """What a tool call invokes; `arguments` is kept verbatim (JSON text, never parsed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ShortName
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message, in OpenAI's Chat Completions shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ShortName
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+ToolCalls = Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)]
+
+
+def _check_null_content(role: Role, content: object, tool_calls: list[ToolCall] | None, title: str) -> None:
+    if content is None and not (role is Role.assistant and tool_calls):
+        error = PydanticCustomError(
+            "content_required", "content may be null only on an assistant message with tool_calls"
+        )
+        raise ValidationError.from_exception_data(title, [InitErrorDetails(type=error, loc=("content",), input=None)])
 
 
 # --- inputs ---------------------------------------------------------------
@@ -103,15 +258,37 @@ class SessionPatch(BaseModel):
     metadata: JsonObject | None = None
 
 
+# In the schema too: `content` absent or null requires an assistant message with tool calls.
+_NULL_CONTENT_RULE: dict[str, JsonValue] = {
+    "if": {"not": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}},
+    "then": {
+        "required": ["role", "tool_calls"],
+        "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}},
+    },
+}
+
+
 class MessageCreate(BaseModel):
-    """One message to append."""
+    """One message to append: OpenAI's Chat Completions message, plus metadata, references and a status."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_NULL_CONTENT_RULE)
 
+    id: MessageId | None = Field(default=None, description="Client's message id, unique in the session.")
     role: Role
-    content: str
+    content: Content = Field(
+        default=None, description="A string or 1-100 content parts; null only with tool_calls on an assistant."
+    )
+    name: ShortName | None = None
+    tool_calls: ToolCalls | None = None
+    tool_call_id: ShortName | None = None
+    status: MessageStatus = MessageStatus.completed
     metadata: JsonObject | None = None
     references: list[JsonObject] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self) -> MessageCreate:
+        _check_null_content(self.role, self.content, self.tool_calls, type(self).__name__)
+        return self
 
 
 class MessageBatchCreate(BaseModel):
@@ -173,11 +350,32 @@ class Message(BaseModel):
     model_config = _ANSWER
 
     seq: int
+    id: str | None = None
     role: Role
-    content: str
-    created_at: datetime
+    content: Content
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    status: MessageStatus = MessageStatus.completed
     metadata: JsonObject | None = None
     references: list[JsonObject] | None = None
+    created_at: datetime
+    # Never left at this default: the validator below sets it from `created_at` when it is not given.
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def text(self) -> str:
+        """The text of the content: the string, or the text parts joined by newlines."""
+        return content_text(self.content)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _updated_at(cls, data: Any) -> Any:
+        # `updated_at` equals `created_at` unless the message was streamed: messages built
+        # without one (and those stored before it existed) take `created_at`.
+        if isinstance(data, dict) and data.get("updated_at") is None and "created_at" in data:
+            return {**data, "updated_at": data["created_at"]}
+        return data
 
 
 class SessionPage(BaseModel):

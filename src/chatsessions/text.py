@@ -16,6 +16,9 @@ import unicodedata
 from dataclasses import dataclass
 
 from chatsessions.errors import InvalidInput
+from chatsessions.models import content_text
+
+__all__ = ["SearchQuery", "content_text", "fold", "index_words", "match_expression", "snippet", "words"]
 
 _WORD = re.compile(r"[^\W_]+")
 # The combining diacritical-mark blocks: what accent-folding drops after NFKD (as SQLite's
@@ -99,17 +102,6 @@ def snippet(text: str, query: SearchQuery, *, limit: int = SNIPPET_CHARS) -> str
             break
     begin = max(0, min(start - limit // 3, len(text) - limit))
     return text[begin : begin + limit]
-
-
-def content_text(content: object) -> str:
-    """The searchable text of a message's content: the string, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def match_expression(query: SearchQuery) -> str:

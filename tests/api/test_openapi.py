@@ -182,7 +182,7 @@ async def test_limits_are_in_the_schema(spec: dict[str, Any]) -> None:
     variants = [key, *key.get("anyOf", [])]
     assert any(v.get("maxLength") == 255 and v.get("minLength") == 1 for v in variants), key
     role = spec["components"]["schemas"]["Role"]
-    assert set(role["enum"]) == {"system", "user", "assistant", "tool"}
+    assert set(role["enum"]) == {"system", "developer", "user", "assistant", "tool"}
 
 
 async def test_summaries_are_the_handler_docstrings(settings: Settings) -> None:

@@ -186,7 +186,7 @@ async def observe(repo: SqliteSessionRepository) -> State:
         items, more = await repo.list_messages(TENANT, sid, MessageQuery(limit=1000))
         assert not more
         sessions[sid] = SessionState(
-            session.version, session.last_seq, session.title, tuple((m.seq, m.content) for m in items)
+            session.version, session.last_seq, session.title, tuple((m.seq, m.text) for m in items)
         )
     answers = set()
     for key in KEYS:
@@ -447,7 +447,7 @@ async def check_concurrent_image(image: Path, run: ConcurrentRun, label: str) ->
                 problems.append(f"{label}: acknowledged session {sid} is gone")
                 continue
             items, _ = await repo.list_messages(TENANT, sid, MessageQuery(limit=1000))
-            found = {m.content: m.seq for m in items}
+            found = {m.text: m.seq for m in items}
             if [m.seq for m in items] != list(range(1, len(items) + 1)) or session.last_seq != len(items):
                 problems.append(f"{label}: {sid}: seqs {[m.seq for m in items]}, last_seq {session.last_seq}")
             if len(found) != len(items):

@@ -196,7 +196,7 @@ async def store(data_dir: Path) -> AsyncIterator[SqliteSessionRepository]:
 
 async def contents(repo: SqliteSessionRepository) -> list[str]:
     items, _ = await repo.list_messages(T, "w", MessageQuery(limit=1000))
-    return [m.content for m in items]
+    return [m.text for m in items]
 
 
 @pytest.mark.asyncio

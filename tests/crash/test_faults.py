@@ -45,7 +45,7 @@ def msgs(*texts: str) -> list[MessageCreate]:
 
 async def history(repo: SessionRepository, session_id: str) -> list[str]:
     items, _ = await repo.list_messages(T, session_id, MessageQuery(limit=1000))
-    return [m.content for m in items]
+    return [m.text for m in items]
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ SERVER_OWNED_MESSAGE = {
     "tenant": "bob",
     "version": 7,
     "session_id": "other",
-    "id": "m1",
+    "updated_at": "2000-01-01T00:00:00Z",  # `id` is the client's message id (DESIGN.md), not server-owned
 }
 
 
@@ -256,7 +256,7 @@ async def test_server_owned_fields_are_never_obeyed(target: Target) -> None:
         for method, path in (("POST", "/v1/sessions"), ("PUT", "/v1/sessions/x1"), ("PATCH", "/v1/sessions/s1")):
             response = await client.request(method, path, json={"title": "t", field: value}, headers=auth)
             assert response.status_code == 422, (method, field, response.text)
-    for field, value in {**SERVER_OWNED_MESSAGE, "id": "x"}.items():
+    for field, value in SERVER_OWNED_MESSAGE.items():
         response = await client.post("/v1/sessions/s1/messages", json={**MESSAGE, field: value}, headers=auth)
         assert response.status_code == 422, (field, response.text)
         batch = {"messages": [MESSAGE, {**MESSAGE, field: value}]}

@@ -875,7 +875,7 @@ async def test_concurrent_appends_to_many_sessions(repository: SessionRepository
     for session_id in ids:
         stored = await all_messages(repository, session_id)
         assert [m.seq for m in stored] == list(range(1, 11))
-        assert sorted(m.content for m in stored) == sorted(f"{session_id}-{i}" for i in range(10))
+        assert sorted(m.text for m in stored) == sorted(f"{session_id}-{i}" for i in range(10))
 
 
 async def test_concurrent_patches_each_get_their_own_version(repository: SessionRepository) -> None:

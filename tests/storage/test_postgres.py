@@ -92,7 +92,7 @@ async def eventually(action: Callable[[], Awaitable[T]]) -> T:
 async def all_contents(repository: PostgresSessionRepository, session_id: str) -> list[tuple[int, str]]:
     items, more = await repository.list_messages(A, session_id, MessageQuery(limit=1000))
     assert not more
-    return [(m.seq, m.content) for m in items]
+    return [(m.seq, m.text) for m in items]
 
 
 @pytest_asyncio.fixture
@@ -203,7 +203,9 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
         assert ("Index Scan", "messages_pkey") in nodes, nodes
 
     # The changes go through the primary keys too (EXPLAIN without ANALYZE runs nothing).
-    arrays = (["user"], ["c"], [None], [None], [None], [None])
+    arrays = tuple(
+        [value] for value in ("user", "c", None, None, None, None, None, None, None, None, "completed", None)
+    )
     twice = tuple(column * 2 for column in arrays)
     now = await admin.fetchval("SELECT now()")
     changes: list[tuple[str, tuple[object, ...]]] = [

@@ -9,7 +9,7 @@ from pydantic_core import to_json
 
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput
-from chatsessions.models import MessageCreate, SessionCreate, SessionPatch
+from chatsessions.models import MessageCreate, SessionCreate, SessionPatch, TextPart
 
 
 def json_shape(value: Any) -> tuple[int, int]:
@@ -45,13 +45,36 @@ def check_json(value: Any, settings: Settings, loc: tuple[str | int, ...]) -> No
         raise InvalidInput(f"{loc[-1]} takes {size} bytes; at most {settings.max_json_bytes} are allowed", loc=loc)
 
 
-def check_messages(messages: list[MessageCreate], settings: Settings, loc: tuple[str | int, ...]) -> None:
+def _over(text: str, limit: int) -> bool:
+    # A str of n code points takes at most 4n UTF-8 bytes: encode only when it might be over.
+    return len(text) * 4 > limit and len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+def check_content(content: str | list[Any] | None, settings: Settings, loc: tuple[str | int, ...]) -> None:
+    """The text of all parts within the content limit; each part within the JSON limits."""
     limit = settings.max_content_bytes
+    if isinstance(content, str):
+        if _over(content, limit):
+            raise InvalidInput(f"content is larger than {limit} bytes", loc=loc)
+        return
+    if content is None:
+        return
+    texts = [part.text for part in content if isinstance(part, TextPart)]
+    if sum(map(len, texts)) * 4 > limit and sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) > limit:
+        raise InvalidInput(f"the text of content's parts is larger than {limit} bytes", loc=loc)
+    for j, part in enumerate(content):
+        # A text part's text counts against the content limit, the rest of a part against the JSON limits.
+        rest = part.model_dump(mode="json", exclude={"text"} if isinstance(part, TextPart) else None)
+        check_json(rest, settings, (*loc, j))
+
+
+def check_messages(messages: list[MessageCreate], settings: Settings, loc: tuple[str | int, ...]) -> None:
     for i, message in enumerate(messages):
         where = (*loc, i) if len(messages) > 1 or loc[-1] == "messages" else loc
-        # A str of n code points takes at most 4n UTF-8 bytes: encode only when it might be over.
-        if len(message.content) * 4 > limit and len(message.content.encode()) > limit:
-            raise InvalidInput(f"content is larger than {limit} bytes", loc=(*where, "content"))
+        check_content(message.content, settings, (*where, "content"))
+        if message.tool_calls is not None:
+            for j, call in enumerate(message.tool_calls):
+                check_json(call.model_dump(mode="json"), settings, (*where, "tool_calls", j))
         check_json(message.metadata, settings, (*where, "metadata"))
         check_json(message.references, settings, (*where, "references"))
 

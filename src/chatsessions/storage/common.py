@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from chatsessions.errors import PreconditionFailed
+from chatsessions.errors import MessageExists, PreconditionFailed
 from chatsessions.models import (
     Citation,
     CitationCursor,
@@ -51,14 +51,38 @@ def new_messages(messages: list[MessageCreate], *, first_seq: int, now: datetime
     return [
         Message(
             seq=first_seq + i,
+            id=m.id,
             role=m.role,
             content=m.content,
-            created_at=now,
+            name=m.name,
+            tool_calls=m.tool_calls,
+            tool_call_id=m.tool_call_id,
+            status=m.status,
             metadata=m.metadata,
             references=m.references,
+            created_at=now,
+            updated_at=now,
         )
         for i, m in enumerate(messages)
     ]
+
+
+def check_message_ids(session_id: str, messages: list[MessageCreate], existing: dict[str, int]) -> None:
+    """Raise MessageExists for a client message id the session has (`existing`: id -> seq) or the batch repeats."""
+    seen: set[str] = set()
+    for m in messages:
+        if m.id is None:
+            continue
+        if m.id in existing:
+            raise MessageExists(session_id, m.id, existing[m.id])
+        if m.id in seen:
+            raise MessageExists(session_id, m.id, None)
+        seen.add(m.id)
+
+
+def message_ids(messages: list[MessageCreate]) -> list[str]:
+    """The client message ids of a batch (most appends have none)."""
+    return [m.id for m in messages if m.id is not None]
 
 
 def after_append(session: Session, added: int, *, now: datetime) -> Session:

@@ -23,7 +23,36 @@ SESSION_COLUMNS = (
     "message_count, last_seq, version, created_at, updated_at"
 )
 _S_SESSION_COLUMNS = ", ".join(f"s.{column}" for column in SESSION_COLUMNS.split(", "))
-MESSAGE_COLUMNS = "seq, role, content, content_raw, created_at, metadata, refs"
+# The columns an append writes for each message, beside seq and the times, in `rows.message_arrays`
+# order, with their types (jsonb and tsvector travel as text).
+MESSAGE_FIELDS = (
+    ("role", "text"),
+    ("content", "text"),
+    ("content_raw", "bytea"),
+    ("metadata", "jsonb"),
+    ("refs", "jsonb"),
+    ("parts", "jsonb"),
+    ("client_id", "text"),
+    ("name", "text"),
+    ("tool_calls", "jsonb"),
+    ("tool_call_id", "text"),
+    ("status", "text"),
+    ("words", "tsvector"),
+)
+_AS_TEXT = ("jsonb", "tsvector")
+_FIELD_NAMES = ", ".join(name for name, _ in MESSAGE_FIELDS)
+_FIELD_VALUES = ", ".join(f"m.{name}::{kind}" if kind in _AS_TEXT else f"m.{name}" for name, kind in MESSAGE_FIELDS)
+
+
+def _unnest(first: int) -> str:
+    """The array parameters of MESSAGE_FIELDS, numbered from `first`."""
+    return ", ".join(
+        f"${first + i}::{'text' if kind in _AS_TEXT else kind}[]" for i, (_, kind) in enumerate(MESSAGE_FIELDS)
+    )
+
+
+# What a read gives of a message (not its words).
+MESSAGE_COLUMNS = "seq, created_at, updated_at, " + ", ".join(name for name, _ in MESSAGE_FIELDS if name != "words")
 
 SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
 LOCK_SESSION = SELECT_SESSION + " FOR UPDATE"
@@ -118,12 +147,9 @@ WITH changed AS (
     RETURNING {SESSION_COLUMNS}
 ),
 added AS (
-    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs, words)
-    SELECT $1, $2, c.last_seq - $3::bigint + m.n, m.role, m.content, m.content_raw, c.updated_at,
-           m.metadata::jsonb, m.refs::jsonb, m.words::tsvector
-    FROM changed c,
-         unnest($6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[])
-             WITH ORDINALITY AS m(role, content, content_raw, metadata, refs, words, n)
+    INSERT INTO messages (tenant, session_id, seq, created_at, updated_at, {_FIELD_NAMES})
+    SELECT $1, $2, c.last_seq - $3::bigint + m.n, c.updated_at, c.updated_at, {_FIELD_VALUES}
+    FROM changed c, unnest({_unnest(6)}) WITH ORDINALITY AS m({_FIELD_NAMES}, n)
 )
 SELECT true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
@@ -157,13 +183,10 @@ changed AS (
     RETURNING l.i, l.n, s.tenant, {_S_SESSION_COLUMNS}
 ),
 added AS (
-    INSERT INTO messages (tenant, session_id, seq, role, content, content_raw, created_at, metadata, refs, words)
-    SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, m.role, m.content, m.content_raw, c.updated_at,
-           m.metadata::jsonb, m.refs::jsonb, m.words::tsvector
+    INSERT INTO messages (tenant, session_id, seq, created_at, updated_at, {_FIELD_NAMES})
+    SELECT c.tenant, c.id, c.last_seq - c.n + m.ord, c.updated_at, c.updated_at, {_FIELD_VALUES}
     FROM changed c
-    JOIN unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bytea[], $11::text[], $12::text[],
-                $13::text[])
-        AS m(i, ord, role, content, content_raw, metadata, refs, words) ON m.i = c.i
+    JOIN unnest($6::bigint[], $7::bigint[], {_unnest(8)}) AS m(i, ord, {_FIELD_NAMES}) ON m.i = c.i
 )
 SELECT i, true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
@@ -171,6 +194,9 @@ SELECT w.i, false, {_S_SESSION_COLUMNS}
 FROM wanted w JOIN sessions s ON s.tenant = w.tenant AND s.id = w.id
 WHERE NOT EXISTS (SELECT FROM changed c WHERE c.i = w.i)
 """
+
+# Arguments: tenant, id, client message ids. Run after LOCK_SESSION: no append slips in before the insert.
+FIND_CLIENT_IDS = "SELECT client_id, seq FROM messages WHERE tenant = $1 AND session_id = $2 AND client_id = ANY($3)"
 
 # Arguments: tenant, session id, created_at, then `rows.citation_arrays`. Runs in the append's
 # transaction, after APPEND (citations reference their message).
@@ -183,7 +209,7 @@ FROM unnest($4::bigint[], $5::integer[], $6::text[], $7::text[]) AS c(seq, ordin
 # Arguments: the tsquery (rows.tsquery_literal), limit, offset, then the session filters. Only
 # (session, seq, rank) of the matches are sorted; contents are read for the page alone.
 SEARCH = """
-SELECT m.session_id, m.seq, m.role, m.created_at, m.content, m.content_raw
+SELECT m.session_id, m.seq, m.role, m.created_at, m.content, m.content_raw, m.parts
 FROM (
     SELECT m.tenant, m.session_id, m.seq, ts_rank(m.words, $1::tsquery) AS score
     FROM messages m{join}
@@ -209,15 +235,18 @@ def _page_sql(order: str) -> str:
     # within the bound; the content of a message left out is not sent (octet_length does not
     # read a value that was moved out of line).
     return f"""
-SELECT m.seq, m.role, m.created_at, m.metadata, m.refs, m.kept,
-       CASE WHEN m.kept THEN m.content END AS content, CASE WHEN m.kept THEN m.content_raw END AS content_raw
+SELECT m.seq, m.role, m.created_at, m.updated_at, m.metadata, m.refs, m.kept, m.client_id, m.name,
+       m.tool_calls, m.tool_call_id, m.status,
+       CASE WHEN m.kept THEN m.content END AS content, CASE WHEN m.kept THEN m.content_raw END AS content_raw,
+       CASE WHEN m.kept THEN m.parts END AS parts
 FROM sessions s
 LEFT JOIN LATERAL (
     SELECT p.*, (p.n = 1 OR p.running <= $6) AS kept
     FROM (
         SELECT {MESSAGE_COLUMNS},
                row_number() OVER w AS n,
-               sum(coalesce(octet_length(content), octet_length(content_raw))) OVER w AS running
+               sum(coalesce(octet_length(content), octet_length(content_raw), octet_length(parts::text), 0))
+                   OVER w AS running
         FROM (
             SELECT {MESSAGE_COLUMNS} FROM messages
             WHERE tenant = s.tenant AND session_id = s.id AND seq > $3 AND seq < $4
@@ -234,8 +263,8 @@ ORDER BY m.seq {order}
 PAGE_ASC = _page_sql("ASC")
 PAGE_DESC = _page_sql("DESC")
 # Arguments: tenant, id, seq. No row: no session; a row of NULLs: no such message.
-GET_MESSAGE = """
-SELECT m.seq, m.role, m.content, m.content_raw, m.created_at, m.metadata, m.refs
+GET_MESSAGE = f"""
+SELECT {", ".join(f"m.{column}" for column in MESSAGE_COLUMNS.split(", "))}
 FROM sessions s
 LEFT JOIN messages m ON m.tenant = s.tenant AND m.session_id = s.id AND m.seq = $3
 WHERE s.tenant = $1 AND s.id = $2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -384,12 +383,20 @@ class PostgresSessionRepository:
     ) -> tuple[Session, list[Message]]:
         arrays = rows.message_arrays(tenant, messages)
         batchable, expected = _expected(if_match)
-        _, content, _, metadata, refs, _ = arrays
         # Citations go in by a second statement (they reference their messages): not batched.
         cites = any(common.cited_doc_ids(m.references) for m in messages)
+        ids = common.message_ids(messages)
+        if ids:  # the ids are checked under the session's row lock, so no racing append takes one first
+            return await self._append_locked(tenant, session_id, messages, ids, arrays, if_match, idempotency)
         alone = idempotency is not None or cites
-        if not alone and batchable and rows.storable(itertools.chain(content, metadata, refs)):
-            weight = sum(len(m.content) + MESSAGE_WEIGHT for m in messages)
+        texts = [
+            value
+            for name, column in zip(q.MESSAGE_FIELDS, arrays, strict=True)
+            if name[1] != "bytea"
+            for value in column
+        ]
+        if not alone and batchable and rows.storable(texts):
+            weight = sum(len(content_text(m.content)) + MESSAGE_WEIGHT for m in messages)
             pending = PendingAppend(
                 tenant=tenant,
                 session_id=session_id,
@@ -419,23 +426,58 @@ class PostgresSessionRepository:
                 async with self._transaction() as conn:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
                     result = self._appended(session_id, row, messages, if_match)
-                    if result is not None and cites:
-                        session, added = result
-                        citations = rows.citation_arrays(added)
-                        await conn.execute(q.INSERT_CITATIONS, tenant, session_id, session.updated_at, *citations)
-                    if result is not None and idempotency is not None:
-                        await self._store_answer(
-                            conn,
-                            tenant=tenant,
-                            key=idempotency.key,
-                            fingerprint=idempotency.fingerprint,
-                            answer=idempotency.render(*result),
-                        )
                     if result is not None:
-                        await record_events(conn, [ev.messages_event(tenant, *result)])
+                        await self._after_append(conn, tenant, session_id, result, cites, idempotency)
             if result is not None:
                 return result
         raise _lost_race(session_id)
+
+    async def _append_locked(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: list[MessageCreate],
+        ids: list[str],
+        arrays: tuple[list[Any], ...],
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+    ) -> tuple[Session, list[Message]]:
+        """An append carrying client message ids: lock the session, check the ids, append, in one transaction."""
+        async with self._transaction() as conn:
+            await self._lock(conn, tenant, session_id, if_match)
+            found = await conn.fetch(q.FIND_CLIENT_IDS, tenant, session_id, ids)
+            common.check_message_ids(session_id, messages, {row["client_id"]: row["seq"] for row in found})
+            row = await conn.fetchrow(q.APPEND, tenant, session_id, len(messages), utcnow(), None, *arrays)
+            result = self._appended(session_id, row, messages, if_match)
+            if result is None:  # cannot happen: this transaction holds the row's lock
+                raise _lost_race(session_id)
+            cites = any(common.cited_doc_ids(m.references) for m in messages)
+            await self._after_append(conn, tenant, session_id, result, cites, idempotency)
+            return result
+
+    async def _after_append(
+        self,
+        conn: Conn,
+        tenant: str,
+        session_id: str,
+        result: tuple[Session, list[Message]],
+        cites: bool,
+        idempotency: IdempotencyRequest | None,
+    ) -> None:
+        """In the append's transaction: its citations, its answer under an Idempotency-Key, its event (last)."""
+        session, added = result
+        if cites:
+            citations = rows.citation_arrays(added)
+            await conn.execute(q.INSERT_CITATIONS, tenant, session_id, session.updated_at, *citations)
+        if idempotency is not None:
+            await self._store_answer(
+                conn,
+                tenant=tenant,
+                key=idempotency.key,
+                fingerprint=idempotency.fingerprint,
+                answer=idempotency.render(*result),
+            )
+        await record_events(conn, [ev.messages_event(tenant, session, added)])
 
     @staticmethod
     def _appended(

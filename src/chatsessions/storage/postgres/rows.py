@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from pydantic import BaseModel
 
 from chatsessions.models import Message, MessageCreate, Role, Session
 from chatsessions.storage.common import cited_doc_ids
@@ -54,14 +55,21 @@ def session_from(row: asyncpg.Record) -> Session:
 
 def message_from(row: asyncpg.Record) -> Message:
     """A message from a row holding `queries.MESSAGE_COLUMNS`."""
-    content = row["content"]
-    return Message(
-        seq=row["seq"],
-        role=Role(row["role"]),
-        content=content if content is not None else row["content_raw"].decode("utf-8", "surrogatepass"),
-        created_at=row["created_at"],
-        metadata=load(row["metadata"]),
-        references=load(row["refs"]),
+    return Message.model_validate(
+        {
+            "seq": row["seq"],
+            "id": row["client_id"],
+            "role": Role(row["role"]),
+            "content": content_of(row),
+            "name": row["name"],
+            "tool_calls": load(row["tool_calls"]),
+            "tool_call_id": row["tool_call_id"],
+            "status": row["status"],
+            "metadata": load(row["metadata"]),
+            "references": load(row["refs"]),
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"] or row["created_at"],
+        }
     )
 
 
@@ -114,16 +122,26 @@ def storable(values: Iterable[Any]) -> bool:
 
 
 def message_arrays(tenant: str, messages: list[MessageCreate]) -> tuple[list[Any], ...]:
-    """The message arrays of `queries.APPEND` (role, content, content_raw, metadata, refs, words)."""
-    raw = [_raw_content(m.content) for m in messages]
+    """The message arrays of `queries.APPEND`, one per `queries.MESSAGE_FIELDS`."""
+    raw = [_raw_content(m.content) if isinstance(m.content, str) else None for m in messages]
     return (
         [m.role.value for m in messages],
-        [m.content if r is None else None for m, r in zip(messages, raw, strict=True)],
+        [m.content if isinstance(m.content, str) and r is None else None for m, r in zip(messages, raw, strict=True)],
         raw,
         [dump(m.metadata) for m in messages],
         [dump(m.references) for m in messages],
+        [_dump_models(m.content) if isinstance(m.content, list) else None for m in messages],
+        [m.id for m in messages],
+        [m.name for m in messages],
+        [_dump_models(m.tool_calls) for m in messages],
+        [m.tool_call_id for m in messages],
+        [m.status.value for m in messages],
         [_words(tenant, m) for m in messages],
     )
+
+
+def _dump_models(models: Sequence[BaseModel] | None) -> str | None:
+    return None if models is None else dump([model.model_dump(mode="json") for model in models])
 
 
 def _words(tenant: str, message: MessageCreate) -> str | None:
@@ -139,7 +157,11 @@ def citation_arrays(messages: list[Message]) -> tuple[list[Any], ...]:
     return tuple(list(column) for column in zip(*found, strict=True)) if found else ([], [], [], [])
 
 
-def content_of(row: asyncpg.Record) -> str:
-    """A message row's content (text, or the bytes text could not hold)."""
+def content_of(row: asyncpg.Record) -> Any:
+    """A message row's content: text, the bytes text could not hold, a list of parts (JSON), or None."""
     content: str | None = row["content"]
-    return content if content is not None else bytes(row["content_raw"]).decode("utf-8", "surrogatepass")
+    if content is not None:
+        return content
+    if row["content_raw"] is not None:
+        return bytes(row["content_raw"]).decode("utf-8", "surrogatepass")
+    return load(row["parts"])

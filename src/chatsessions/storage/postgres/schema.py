@@ -77,7 +77,30 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
         """,
     ),
-    # Versions 2-3 are the message shape and lifecycle steps.
+    Migration(
+        2,
+        "messages as LLM APIs shape them",
+        """
+        ALTER TABLE messages DROP CONSTRAINT messages_role_check;
+        ALTER TABLE messages ADD CONSTRAINT messages_role_check
+            CHECK (role IN ('system', 'developer', 'user', 'assistant', 'tool'));
+        -- content is a string (content or content_raw), a list of parts, or null (tool calls).
+        ALTER TABLE messages DROP CONSTRAINT messages_check;
+        ALTER TABLE messages
+            ADD COLUMN parts        jsonb,
+            ADD COLUMN client_id    text COLLATE "C",
+            ADD COLUMN name         text,
+            ADD COLUMN tool_calls   jsonb,
+            ADD COLUMN tool_call_id text,
+            ADD COLUMN status       text NOT NULL DEFAULT 'completed'
+                CHECK (status IN ('completed', 'in_progress', 'incomplete')),
+            ADD COLUMN updated_at   timestamptz,  -- NULL: equals created_at (rows from before this step)
+            ADD CONSTRAINT messages_content_check CHECK (num_nonnulls(content, content_raw, parts) <= 1);
+        CREATE UNIQUE INDEX messages_by_client_id ON messages (tenant, session_id, client_id)
+            WHERE client_id IS NOT NULL;
+        """,
+    ),
+    # Version 3 is the lifecycle step.
     Migration(
         4,
         "change events",

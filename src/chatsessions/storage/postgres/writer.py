@@ -213,7 +213,7 @@ async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Re
     # Even for one append: APPEND would wait for a row lock, and the whole queue with it.
     index: list[int] = []
     order: list[int] = []
-    columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    columns: tuple[list[Any], ...] = tuple([] for _ in q.MESSAGE_FIELDS)
     for i, change in enumerate(batch, start=1):
         index += [i] * change.count
         order += range(1, change.count + 1)

@@ -59,6 +59,7 @@ from chatsessions.storage.common import (
     after_append,
     after_clear,
     change_time,
+    check_message_ids,
     check_precondition,
     citation_listing,
     citations_sql,
@@ -66,6 +67,7 @@ from chatsessions.storage.common import (
     from_us,
     listing_page,
     listing_sql,
+    message_ids,
     new_messages,
     new_session,
     seq_bounds,
@@ -338,9 +340,17 @@ class SqliteSessionRepository:
         idempotency: IdempotencyRequest | None = None,
     ) -> tuple[Session, list[Message]]:
         key = (tenant, session_id)
+        ids = message_ids(messages)
 
         def change(tx: Tx) -> tuple[Session, list[Message]]:
             head = self._head(tx, key, if_match)
+            if ids:
+                existing = {}
+                for message_id in ids:
+                    found = next(tx.conn.execute(rows.SELECT_CLIENT_ID, (head.pk, message_id)), None)
+                    if found is not None:
+                        existing[message_id] = found[0]
+                check_message_ids(session_id, messages, existing)
             now = change_time(head.session)
             added = new_messages(messages, first_seq=head.session.last_seq + 1, now=now)
             self._insert_messages(tx.conn, tenant, session_id, head.pk, added)

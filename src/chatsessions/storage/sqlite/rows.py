@@ -9,6 +9,7 @@ from pydantic_core import from_json, to_json
 from chatsessions.models import Message, Session
 from chatsessions.storage.common import from_us, to_us
 from chatsessions.storage.sqlite.writer import Head
+from chatsessions.text import content_text
 
 SESSION_COLUMNS = (
     "pk, id, user_id, document_id, section_id, title, settings, metadata, "
@@ -32,7 +33,10 @@ WHERE pk = ?
 UPDATE_COUNTERS = "UPDATE sessions SET message_count = ?, last_seq = ?, version = ?, updated_at = ? WHERE pk = ?"
 DELETE_SESSION = "DELETE FROM sessions WHERE pk = ?"
 
-INSERT_MESSAGE = "INSERT INTO messages (session_pk, seq, size, created_at, body) VALUES (?, ?, ?, ?, ?) RETURNING rowid"
+INSERT_MESSAGE = """
+INSERT INTO messages (session_pk, seq, size, created_at, body, client_id) VALUES (?, ?, ?, ?, ?, ?) RETURNING rowid
+"""
+SELECT_CLIENT_ID = "SELECT seq FROM messages WHERE session_pk = ? AND client_id = ?"
 DELETE_MESSAGES = "DELETE FROM messages WHERE session_pk = ?"
 INDEX_WORDS = "INSERT INTO message_words (rowid, scope, words) VALUES (?, ?, ?)"
 UNINDEX_SESSION = "DELETE FROM message_words WHERE rowid IN (SELECT rowid FROM messages WHERE session_pk = ?)"
@@ -151,8 +155,8 @@ def counter_values(pk: int, session: Session) -> tuple[int, ...]:
 
 def message_values(pk: int, message: Message) -> tuple[Any, ...]:
     """The columns of `INSERT_MESSAGE`, in order."""
-    size = len(message.content.encode("utf-8", "surrogatepass"))
-    return (pk, message.seq, size, to_us(message.created_at), message.model_dump_json())
+    size = len(content_text(message.content).encode("utf-8", "surrogatepass"))
+    return (pk, message.seq, size, to_us(message.created_at), message.model_dump_json(), message.id)
 
 
 def message_from(body: str) -> Message:

@@ -111,6 +111,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX citations_by_doc ON citations (tenant, doc_id, created_at DESC, session_id, seq, ordinal);
     CREATE INDEX citations_by_session ON citations (session_pk, seq);
     """,
+    # 3: client message ids, unique in their session (every other message field lives in `body`).
+    """
+    ALTER TABLE messages ADD COLUMN client_id TEXT;
+    CREATE UNIQUE INDEX messages_by_client_id ON messages (session_pk, client_id) WHERE client_id IS NOT NULL;
+    """,
     # 5 (issue 12): change events, written in the transaction of the change they describe.
     # AUTOINCREMENT: an id is never reused, and sqlite_sequence keeps the highest one ever
     # given (the tenant feed's current position even when every event was pruned).
