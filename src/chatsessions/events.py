@@ -98,6 +98,16 @@ def messages_event(tenant: str, session: Session, added: list[Message]) -> Event
     return draft(tenant, session, MESSAGES_CREATED, {"items": [m.model_dump(mode="json") for m in added]})
 
 
+def delta_event(tenant: str, session: Session, seq: int, content: str) -> EventDraft:
+    """message.delta: the text one delta appended."""
+    return draft(tenant, session, MESSAGE_DELTA, {"seq": seq, "content": content})
+
+
+def message_updated_event(tenant: str, session: Session, message: Message) -> EventDraft:
+    """message.updated: the message after a PATCH (or the idle timeout)."""
+    return draft(tenant, session, MESSAGE_UPDATED, {"message": message.model_dump(mode="json")})
+
+
 def deleted_event(tenant: str, session: Session) -> EventDraft:
     """session.deleted: its id is the version after the deleted one."""
     return draft(tenant, session, SESSION_DELETED, {}, version=session.version + 1)

@@ -25,6 +25,7 @@ from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
 from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
+from chatsessions.api.streaming import build_streaming_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.events import Broker, EventSink
 from chatsessions.storage.base import SessionRepository, StoreObserver
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
+    app.include_router(build_streaming_router(resolved))
     app.include_router(build_events_router(resolved))
     app.include_router(build_demo_router())
     app.include_router(health.router)

@@ -35,6 +35,8 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("delete", MSGS): ({"204"}, {"404", "412"}),
     ("get", "/v1/search"): ({"200"}, {"422"}),
     ("get", "/v1/citations"): ({"200"}, {"422"}),
+    ("post", MSGS + "/{seq}/deltas"): ({"200"}, {"400", "404", "409", "412", "413", "415", "422"}),
+    ("patch", MSGS + "/{seq}"): ({"200"}, {"400", "404", "409", "412", "413", "415", "422"}),
     ("get", ONE + "/events"): ({"200"}, {"400", "404", "422", "503"}),
     ("get", "/v1/events"): ({"200"}, {"422", "503"}),
     ("get", "/healthz"): ({"200"}, set()),
@@ -52,12 +54,22 @@ MODELS: dict[tuple[str, str], str] = {
     ("post", MSGS + "/batch"): "MessageBatch",
     ("get", MSGS): "MessagePage",
     ("get", MSGS + "/{seq}"): "Message",
+    ("patch", MSGS + "/{seq}"): "Message",
+    ("post", MSGS + "/{seq}/deltas"): "MessageDeltaAck",
     ("get", "/v1/search"): "SearchPage",
     ("get", "/v1/citations"): "CitationPage",
 }
 
-IF_MATCH = {("patch", ONE), ("delete", ONE), ("post", MSGS), ("post", MSGS + "/batch"), ("delete", MSGS)}
-IDEMPOTENT = {("post", S), ("post", MSGS), ("post", MSGS + "/batch")}
+IF_MATCH = {
+    ("patch", ONE),
+    ("delete", ONE),
+    ("post", MSGS),
+    ("post", MSGS + "/batch"),
+    ("delete", MSGS),
+    ("post", MSGS + "/{seq}/deltas"),
+    ("patch", MSGS + "/{seq}"),
+}
+IDEMPOTENT = {("post", S), ("post", MSGS), ("post", MSGS + "/batch"), ("post", MSGS + "/{seq}/deltas")}
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 

@@ -12,7 +12,7 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from chatsessions.events import SessionReplay, TenantFilter, TenantReplay
 from chatsessions.models import (
@@ -178,6 +178,41 @@ class SessionRepository(Protocol):
         self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
     ) -> CitationListing:
         """References whose `doc_id` member equals `doc_id`, newest message first, strictly after `cursor`."""
+        ...
+
+    async def append_delta(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        content: str,
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, Message]:
+        """Append text to a streamed (`in_progress`) message: one change, one version step, a message.delta event.
+
+        Raises:
+            SessionNotFound, MessageNotFound, PreconditionFailed,
+            MessageNotInProgress: the message completed (or never streamed),
+            InvalidInput: the content would pass the content limit, or is not a string.
+        """
+        ...
+
+    async def update_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        changes: dict[str, Any],
+        *,
+        if_match: Precondition | None = None,
+    ) -> tuple[Session, Message]:
+        """Merge-patch a streamed message (`changes`: the fields set, as JSON); a message.updated event.
+
+        A status of `completed` or `incomplete` ends the stream: the message is then
+        immutable, and indexed for search. Raises as `append_delta`.
+        """
         ...
 
     async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> SessionReplay:

@@ -356,3 +356,21 @@ DELETE FROM events WHERE id IN (
     ORDER BY id LIMIT $2
 )
 """
+
+# --- streamed messages ---------------------------------------------------------------
+
+LOCK_MESSAGE = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant = $1 AND session_id = $2 AND seq = $3 FOR UPDATE"
+# Arguments: tenant, session id, seq, updated_at, then one value per MESSAGE_FIELDS.
+_REWRITE_VALUES = ", ".join(
+    f"${5 + i}::text::{kind}" if kind in _AS_TEXT else f"${5 + i}::{kind}" for i, (_, kind) in enumerate(MESSAGE_FIELDS)
+)
+REWRITE_MESSAGE = f"""
+UPDATE messages SET updated_at = $4, ({_FIELD_NAMES}) = ({_REWRITE_VALUES})
+WHERE tenant = $1 AND session_id = $2 AND seq = $3
+"""
+STEP_SESSION = "UPDATE sessions SET version = $3, updated_at = $4 WHERE tenant = $1 AND id = $2"
+IDLE_STREAMS = """
+SELECT tenant, session_id, seq FROM messages
+WHERE status = 'in_progress' AND coalesce(updated_at, created_at) < now() - make_interval(secs => $1)
+ORDER BY coalesce(updated_at, created_at) LIMIT $2
+"""

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
 from chatsessions import events as ev
+from chatsessions import streaming
 from chatsessions.config import Settings
 from chatsessions.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
     MessageNotFound,
+    MessageNotInProgress,
     SessionExists,
     SessionNotFound,
     StorageUnavailable,
@@ -30,6 +35,7 @@ from chatsessions.models import (
     Message,
     MessageCreate,
     MessageQuery,
+    MessageStatus,
     Precondition,
     Role,
     SearchFilter,
@@ -75,6 +81,8 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+log = logging.getLogger("chatsessions.postgres")
 
 # A claimed Idempotency-Key whose request has not finished by then is free again:
 # the replica that held it crashed. Far longer than any statement may run.
@@ -141,6 +149,8 @@ class PostgresSessionRepository:
         idempotency_lease: float = IDEMPOTENCY_LEASE_SECONDS,
         observer: StoreObserver | None = None,
         max_page_bytes: int = 8 * 2**20,
+        max_content_bytes: int = 2**20,
+        stream_idle: float = 300.0,
     ) -> None:
         self._pool = pool
         self._max_page_bytes = max_page_bytes
@@ -156,6 +166,9 @@ class PostgresSessionRepository:
             run_creates, connection=self._connection, observer=self._observer, name="chatsessions-creates"
         )
         self._follower: EventFollower | None = None
+        self._max_content_bytes = max_content_bytes
+        self._stream_idle = stream_idle
+        self._stream_expiry: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -196,7 +209,10 @@ class PostgresSessionRepository:
             idempotency_ttl=settings.idempotency_ttl_seconds,
             observer=observer,
             max_page_bytes=settings.max_page_bytes,
+            max_content_bytes=settings.max_content_bytes,
+            stream_idle=settings.stream_idle_seconds,
         )
+        repository._stream_expiry = asyncio.create_task(repository._expire_streams(), name="chatsessions-stream-expiry")
         if sink is not None:
             follower = EventFollower(
                 dsn=dsn,
@@ -210,7 +226,7 @@ class PostgresSessionRepository:
                 with translate_errors():
                     await follower.start()
             except BaseException:
-                await pool.close()
+                await repository.aclose()
                 raise
             repository._follower = follower
         return repository
@@ -618,6 +634,122 @@ class PostgresSessionRepository:
 
     # --- lifecycle --------------------------------------------------------------
 
+    # --- streamed messages -----------------------------------------------------------
+
+    async def _change_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        *,
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+        edit: Callable[[Message, datetime], Message],
+        event: Callable[[Session, Message], ev.EventDraft],
+    ) -> tuple[Session, Message]:
+        """One transaction: lock the session and the message, rewrite it, step the version, record `event`."""
+        async with self._transaction() as conn:
+            current = await self._lock(conn, tenant, session_id, if_match)
+            wanted = seq if 0 < seq <= common.MAX_SEQ else 0
+            row = await conn.fetchrow(q.LOCK_MESSAGE, tenant, session_id, wanted)
+            if row is None:
+                raise MessageNotFound(session_id, seq)
+            message = rows.message_from(row)
+            now = common.change_time(current)
+            changed = edit(message, now)
+            arrays = rows.message_arrays(tenant, [rows.as_create(changed)])
+            await conn.execute(q.REWRITE_MESSAGE, tenant, session_id, seq, now, *(column[0] for column in arrays))
+            session = current.model_copy(update={"version": current.version + 1, "updated_at": now})
+            await conn.execute(q.STEP_SESSION, tenant, session_id, session.version, now)
+            if message.status is MessageStatus.in_progress and changed.status is not MessageStatus.in_progress:
+                citations = rows.citation_arrays([changed])
+                if citations[0]:
+                    await conn.execute(q.INSERT_CITATIONS, tenant, session_id, changed.created_at, *citations)
+            if idempotency is not None:
+                await self._store_answer(
+                    conn,
+                    tenant=tenant,
+                    key=idempotency.key,
+                    fingerprint=idempotency.fingerprint,
+                    answer=idempotency.render(session, [changed]),
+                )
+            await record_events(conn, [event(session, changed)])
+        return session, changed
+
+    async def append_delta(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        content: str,
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, Message]:
+        return await self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match=if_match,
+            idempotency=idempotency,
+            edit=lambda m, now: streaming.apply_delta(
+                session_id, m, content, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            event=lambda session, m: ev.delta_event(tenant, session, seq, content),
+        )
+
+    async def update_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        changes: dict[str, Any],
+        *,
+        if_match: Precondition | None = None,
+    ) -> tuple[Session, Message]:
+        return await self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match=if_match,
+            idempotency=None,
+            edit=lambda m, now: streaming.apply_patch(
+                session_id, m, changes, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            event=lambda session, m: ev.message_updated_event(tenant, session, m),
+        )
+
+    async def expire_idle_streams(self) -> int:
+        """Mark incomplete (each a change with its event) up to 500 streamed messages left idle."""
+        async with self._connection() as conn:
+            idle = await conn.fetch(q.IDLE_STREAMS, self._stream_idle, 500)
+        expired = 0
+        for row in idle:
+            with contextlib.suppress(MessageNotInProgress, MessageNotFound, SessionNotFound):
+                await self._expire_one(row["tenant"], row["session_id"], row["seq"])
+                expired += 1
+        return expired
+
+    async def _expire_one(self, tenant: str, session_id: str, seq: int) -> None:
+        def expire(message: Message, now: datetime) -> Message:
+            # Checked again under the row lock: a delta (or another replica) may have come since.
+            if (now - message.updated_at).total_seconds() < self._stream_idle:
+                raise MessageNotInProgress(session_id, message.seq, "active")
+            return streaming.expired(session_id, message, now=now)
+
+        def event(session: Session, message: Message) -> ev.EventDraft:
+            return ev.message_updated_event(tenant, session, message)
+
+        await self._change_message(tenant, session_id, seq, if_match=None, idempotency=None, edit=expire, event=event)
+
+    async def _expire_streams(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, min(self._stream_idle / 2, 5.0)))
+            try:
+                await self.expire_idle_streams()
+            except Exception:
+                log.warning("marking idle streamed messages incomplete failed; will retry", exc_info=True)
+
     # --- change events ---------------------------------------------------------------
 
     async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
@@ -637,6 +769,11 @@ class PostgresSessionRepository:
             raise StorageUnavailable("PostgreSQL is a read-only standby")
 
     async def aclose(self) -> None:
+        if self._stream_expiry is not None:
+            self._stream_expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stream_expiry
+            self._stream_expiry = None
         if self._follower is not None:
             await self._follower.aclose()
             self._follower = None

@@ -136,6 +136,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             RETURN NULL;
         END $$;
         CREATE TRIGGER events_notify AFTER INSERT ON events FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
+        -- The streamed messages, for the idle timeout.
+        CREATE INDEX messages_streaming ON messages ((coalesce(updated_at, created_at))) WHERE status = 'in_progress';
         """,
     ),
     Migration(

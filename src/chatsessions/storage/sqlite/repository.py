@@ -21,11 +21,13 @@ import apsw
 from pydantic_core import from_json, to_json
 
 from chatsessions import events as ev
+from chatsessions import streaming
 from chatsessions.config import Settings
 from chatsessions.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
     MessageNotFound,
+    MessageNotInProgress,
     SessionExists,
     SessionNotFound,
     StorageFailed,
@@ -39,6 +41,7 @@ from chatsessions.models import (
     Message,
     MessageCreate,
     MessageQuery,
+    MessageStatus,
     Order,
     Precondition,
     SearchFilter,
@@ -73,7 +76,7 @@ from chatsessions.storage.common import (
     seq_bounds,
     to_us,
 )
-from chatsessions.storage.sqlite import rows
+from chatsessions.storage.sqlite import rows, streams
 from chatsessions.storage.sqlite.events import (
     forget_session,
     prune_events,
@@ -95,6 +98,10 @@ from chatsessions.text import (
 )
 
 log = logging.getLogger("chatsessions.sqlite")
+
+
+class _StillActive(Exception):
+    """A streamed message changed since the idle timeout found it: it stays in_progress."""
 
 
 def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
@@ -127,6 +134,10 @@ class SqliteSessionRepository:
         self._idempotency_ttl_us = int(settings.idempotency_ttl_seconds * 1e6)
         self._max_page_bytes = settings.max_page_bytes
         self._events_retention_us = int(settings.events_retention_seconds * 1e6)
+        self._max_content_bytes = settings.max_content_bytes
+        self._stream_idle_us = int(settings.stream_idle_seconds * 1e6)
+        self._stream_check_seconds = max(0.05, min(settings.stream_idle_seconds / 2, 5.0))
+        self._stream_expiry: asyncio.Task[None] | None = None
         self._claims: dict[HeadKey, str] = {}  # (tenant, key) -> fingerprint, while the first request runs
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -172,6 +183,7 @@ class SqliteSessionRepository:
         readers = Readers(lambda: location.connect(readonly=True), threads=READER_THREADS)
         repository = cls(location=location, writer=writer, readers=readers, lock=lock, settings=settings)
         repository._maintenance = asyncio.create_task(repository._maintain(), name="chatsessions-sqlite-maintenance")
+        repository._stream_expiry = asyncio.create_task(repository._expire_streams(), name="chatsessions-stream-expiry")
         return repository
 
     # --- helpers ------------------------------------------------------------
@@ -206,23 +218,33 @@ class SqliteSessionRepository:
     @staticmethod
     def _insert_messages(conn: apsw.Connection, tenant: str, session_id: str, pk: int, added: list[Message]) -> None:
         """Insert messages with their full-text words and citations (in the caller's transaction)."""
-        tenant_scope = tenant_token(tenant)
         for message in added:
             (rowid,) = next(conn.execute(rows.INSERT_MESSAGE, rows.message_values(pk, message)))
-            indexed = index_text(content_text(message.content))
-            if indexed:
-                scope = f"{tenant_scope} {role_token(message.role.value)}"
-                conn.execute(rows.INDEX_WORDS, (rowid, scope, indexed))
-            created = to_us(message.created_at)
-            for ordinal, doc_id, reference in cited_doc_ids(message.references):
-                citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
-                conn.execute(rows.INSERT_CITATION, citation)
+            if message.status is MessageStatus.in_progress:
+                streams.start_stream(conn, pk, message)  # indexed once it completes
+            else:
+                SqliteSessionRepository._index_message(conn, tenant, session_id, pk, rowid, message)
+
+    @staticmethod
+    def _index_message(
+        conn: apsw.Connection, tenant: str, session_id: str, pk: int, rowid: int, message: Message
+    ) -> None:
+        """A message's full-text words and citations (in the caller's transaction)."""
+        indexed = index_text(content_text(message.content))
+        if indexed:
+            scope = f"{tenant_token(tenant)} {role_token(message.role.value)}"
+            conn.execute(rows.INDEX_WORDS, (rowid, scope, indexed))
+        created = to_us(message.created_at)
+        for ordinal, doc_id, reference in cited_doc_ids(message.references):
+            citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
+            conn.execute(rows.INSERT_CITATION, citation)
 
     @staticmethod
     def _delete_messages(conn: apsw.Connection, pk: int) -> None:
         """Delete a session's messages, their words and their citations."""
         conn.execute(rows.UNINDEX_SESSION, (pk,))
         conn.execute(rows.DELETE_CITATIONS, (pk,))
+        streams.drop_streams(conn, pk)
         conn.execute(rows.DELETE_MESSAGES, (pk,))
 
     async def _write(self, change: Any, *, idempotency: IdempotencyRequest | None = None, tenant: str = "") -> Any:
@@ -477,6 +499,121 @@ class SqliteSessionRepository:
 
         return citation_listing(await self._readers.run(read), limit)
 
+    # --- streamed messages -----------------------------------------------------------
+
+    def _change_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+        edit: Any,
+        event: Any,
+    ) -> Any:
+        """A writer change that rewrites one message (`edit(message, now)`), steps the version, records `event`."""
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> tuple[Session, Message]:
+            head = self._head(tx, key, if_match)
+            rowid, message = streams.message_row(tx.conn, session_id, head.pk, seq)
+            now = change_time(head.session)
+            changed: Message = edit(message, now)
+            streams.rewrite_message(tx.conn, head.pk, rowid, changed)
+            if message.status is MessageStatus.in_progress and changed.status is not MessageStatus.in_progress:
+                self._index_message(tx.conn, tenant, session_id, head.pk, rowid, changed)
+            session = head.session.model_copy(update={"version": head.session.version + 1, "updated_at": now})
+            tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
+            new_head = head.moved(session)
+            tx.put_head(key, new_head)
+            record_event(tx, event(session, changed))
+            self._store_answer(tx, tenant, idempotency, new_head, [changed])
+            return session, changed
+
+        return change
+
+    async def append_delta(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        content: str,
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, Message]:
+        change = self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match,
+            idempotency,
+            lambda m, now: streaming.apply_delta(
+                session_id, m, content, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            lambda session, m: ev.delta_event(tenant, session, seq, content),
+        )
+        result: tuple[Session, Message] = await self._write(change, idempotency=idempotency, tenant=tenant)
+        return result
+
+    async def update_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        changes: dict[str, Any],
+        *,
+        if_match: Precondition | None = None,
+    ) -> tuple[Session, Message]:
+        change = self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match,
+            None,
+            lambda m, now: streaming.apply_patch(
+                session_id, m, changes, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            lambda session, m: ev.message_updated_event(tenant, session, m),
+        )
+        result: tuple[Session, Message] = await self._write(change)
+        return result
+
+    async def expire_idle_streams(self) -> int:
+        """Mark incomplete, each as a change with its event, up to PURGE_BATCH streamed messages left idle."""
+        before = to_us(utcnow()) - self._stream_idle_us
+        idle = await self._readers.run(lambda conn: streams.idle_streams(conn, before_us=before, limit=PURGE_BATCH))
+        expired = 0
+        for tenant, session_id, seq in idle:
+
+            def expire(message: Message, now: Any, session_id: str = session_id) -> Message:
+                # Checked again in the change: a delta may have come since the read.
+                if message.status is MessageStatus.in_progress and to_us(message.updated_at) >= before:
+                    raise _StillActive()
+                return streaming.expired(session_id, message, now=now)
+
+            change = self._change_message(
+                tenant,
+                session_id,
+                seq,
+                None,
+                None,
+                expire,
+                lambda session, m, tenant=tenant: ev.message_updated_event(tenant, session, m),
+            )
+            with contextlib.suppress(_StillActive, MessageNotFound, SessionNotFound, MessageNotInProgress):
+                await self._write(change)
+                expired += 1
+        return expired
+
+    async def _expire_streams(self) -> None:
+        while True:
+            await asyncio.sleep(self._stream_check_seconds)
+            try:
+                await self.expire_idle_streams()
+            except Exception:
+                log.warning("marking idle streamed messages incomplete failed; will retry", exc_info=True)
+
     # --- change events ------------------------------------------------------------
 
     async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
@@ -585,6 +722,11 @@ class SqliteSessionRepository:
         return await self._readers.run(read)
 
     async def aclose(self) -> None:
+        if self._stream_expiry is not None:
+            self._stream_expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stream_expiry
+            self._stream_expiry = None
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

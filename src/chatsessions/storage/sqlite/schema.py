@@ -116,7 +116,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN client_id TEXT;
     CREATE UNIQUE INDEX messages_by_client_id ON messages (session_pk, client_id) WHERE client_id IS NOT NULL;
     """,
-    # 5 (issue 12): change events, written in the transaction of the change they describe.
+    # 5 (issue 12): change events, written in the transaction of the change they describe,
+    # and the streamed messages' idle clock.
     # AUTOINCREMENT: an id is never reused, and sqlite_sequence keeps the highest one ever
     # given (the tenant feed's current position even when every event was pruned).
     """
@@ -135,6 +136,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_by_session ON events (tenant, session_id, version);
     CREATE INDEX events_by_tenant ON events (tenant, id);
     CREATE INDEX events_by_age ON events (created_at);
+
+    -- The streamed (in_progress) messages and when each last changed: the idle timeout's work list.
+    CREATE TABLE streams (
+        session_pk INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,     -- microseconds since 1970-01-01 UTC
+        PRIMARY KEY (session_pk, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX streams_idle ON streams (updated_at);
     """,
 )
 
