@@ -16,9 +16,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from chatsessions.errors import InvalidInput
-from chatsessions.models import content_text
-
-__all__ = ["SearchQuery", "content_text", "fold", "index_words", "match_expression", "snippet", "words"]
+from chatsessions.models import content_text as content_text  # the text a message is searched by
 
 _WORD = re.compile(r"[^\W_]+")
 # The combining diacritical-mark blocks: what accent-folding drops after NFKD (as SQLite's
@@ -44,19 +42,10 @@ def words(text: str) -> list[str]:
     return _WORD.findall(fold(text))
 
 
-def index_text(text: str) -> str:
-    """The folded text a message is indexed under, for an engine that splits words itself.
-
-    SQLite's unicode61 tokenizer splits it into the same words as `words` (runs of
-    letters and digits), in C; the query's words are quoted phrases it splits alike.
-    """
-    # A word is rarely longer than 40 characters: the first MAX_INDEXED_WORDS fit in this prefix.
-    return fold(text[: MAX_INDEXED_WORDS * 40])
-
-
 def index_words(text: str) -> list[str]:
     """The words a message is indexed under: its first MAX_INDEXED_WORDS."""
-    found = _WORD.findall(index_text(text))
+    # A word is rarely longer than 40 characters: the first MAX_INDEXED_WORDS fit in this prefix.
+    found = _WORD.findall(fold(text[: MAX_INDEXED_WORDS * 40]))
     return [word for word in found if len(word) <= MAX_WORD_CHARS][:MAX_INDEXED_WORDS]
 
 
@@ -104,36 +93,61 @@ def snippet(text: str, query: SearchQuery, *, limit: int = SNIPPET_CHARS) -> str
     return text[begin : begin + limit]
 
 
-def match_expression(query: SearchQuery) -> str:
-    """The query as an FTS5 expression over quoted words only (no client syntax can reach FTS5)."""
-    return " AND ".join('"' + " ".join(phrase) + '"' for phrase in query.phrases)
+# Every indexed word carries a prefix naming its tenant and its message's role, so a word's list
+# in the index holds only that tenant's (and role's) messages: a search never walks another
+# tenant's matches, nor a list of all the tenant's messages.
+_ROLE_CODES = {"system": "s", "developer": "d", "user": "u", "assistant": "a", "tool": "t"}
 
 
 def tenant_token(tenant: str) -> str:
-    """The word that scopes a tenant's messages in a full-text index (letters and digits only)."""
+    """A tenant's part of the word prefix (letters and digits only, fixed length)."""
     return "t" + hashlib.blake2b(tenant.encode(), digest_size=8).hexdigest()
 
 
-def role_token(role: str) -> str:
-    return "r" + role
+def word_prefix(tenant: str, role: str) -> str:
+    return tenant_token(tenant) + _ROLE_CODES.get(role, "x")
 
 
-def tsvector_literal(tenant: str, role: str, found: list[str]) -> str:
-    """A PostgreSQL tsvector of `found` (positions from 1) plus the scope words (without positions)."""
+def _prefixes(tenant: str, role: str | None) -> list[str]:
+    codes = [_ROLE_CODES.get(role, "x")] if role is not None else list(_ROLE_CODES.values())
+    token = tenant_token(tenant)
+    return [token + code for code in codes]
+
+
+def scoped_words(tenant: str, role: str, text: str) -> list[str]:
+    """The words of `text` as the index keeps them (see `word_prefix`)."""
+    prefix = word_prefix(tenant, role)
+    return [prefix + word for word in index_words(text)]
+
+
+def match_expression(tenant: str, role: str | None, query: SearchQuery) -> str:
+    """The query as an FTS5 expression of quoted scoped words (no client syntax can reach FTS5).
+
+    Each phrase matches under any role's prefix (or the one asked for): a message has one
+    role, so all its words share one prefix.
+    """
+    prefixes = _prefixes(tenant, role)
+    parts = []
+    for phrase in query.phrases:
+        options = ['"' + " ".join(prefix + word for word in phrase) + '"' for prefix in prefixes]
+        parts.append("(" + " OR ".join(options) + ")")
+    return " AND ".join(parts)
+
+
+def tsvector_literal(found: list[str]) -> str:
+    """A PostgreSQL tsvector of `found` (scoped words), with positions from 1."""
     positions: dict[str, list[int]] = {}
     for at, word in enumerate(found, start=1):
         positions.setdefault(word, []).append(at)
     # Words hold letters and digits only: nothing in them needs quoting beyond the quotes.
-    lexemes = [f"'{word}':{','.join(map(str, at))}" for word, at in positions.items()]
-    return " ".join([f"'{tenant_token(tenant)}'", f"'{role_token(role)}'", *lexemes])
+    return " ".join(f"'{word}':{','.join(map(str, at))}" for word, at in positions.items())
 
 
 def tsquery_literal(tenant: str, role: str | None, query: SearchQuery) -> str:
-    """A PostgreSQL tsquery: the tenant's (and role's) scope word and every phrase of `query`."""
-    parts = [f"'{tenant_token(tenant)}'"]
-    if role is not None:
-        parts.append(f"'{role_token(role)}'")
+    """A PostgreSQL tsquery: every phrase of `query`, as scoped words, under any (or one) role."""
+    prefixes = _prefixes(tenant, role)
+    parts = []
     for phrase in query.phrases:
-        joined = " <-> ".join(f"'{word}'" for word in phrase)
-        parts.append(f"({joined})" if len(phrase) > 1 else joined)
+        options = [" <-> ".join(f"'{prefix}{word}'" for word in phrase) for prefix in prefixes]
+        parts.append("(" + " | ".join(f"({option})" for option in options) + ")")
     return " & ".join(parts)

@@ -206,7 +206,7 @@ SELECT $1, $2, $3, c.seq, c.ordinal, c.doc_id, c.reference::jsonb
 FROM unnest($4::bigint[], $5::integer[], $6::text[], $7::text[]) AS c(seq, ordinal, doc_id, reference)
 """
 
-# Arguments: the tsquery (rows.tsquery_literal), limit, offset, then the session filters. Only
+# Arguments: the tsquery (text.tsquery_literal), limit, offset, tenant, then the session filters. Only
 # (session, seq, rank) of the matches are sorted; contents are read for the page alone.
 SEARCH = """
 SELECT m.session_id, m.seq, m.role, m.created_at, m.content, m.content_raw, m.parts

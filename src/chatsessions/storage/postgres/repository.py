@@ -548,8 +548,9 @@ class PostgresSessionRepository:
         self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
     ) -> SearchResult:
         tsquery = tsquery_literal(tenant, filters.role.value if filters.role else None, query)
-        args: list[Any] = [tsquery, limit + 1, offset]
-        clauses = ""
+        # The scoped words already keep to the tenant; the column check makes it exact.
+        args: list[Any] = [tsquery, limit + 1, offset, tenant]
+        clauses = " AND m.tenant = $4"
         for column, value in (
             ("user_id", filters.user_id),
             ("document_id", filters.document_id),
@@ -558,7 +559,7 @@ class PostgresSessionRepository:
             if value is not None:
                 args.append(value)
                 clauses += f" AND s.{column} = ${len(args)}"
-        sql = q.SEARCH.format(join=q.SEARCH_JOIN if clauses else "", filters=clauses)
+        sql = q.SEARCH.format(join=q.SEARCH_JOIN if len(args) > 4 else "", filters=clauses)
         async with self._connection() as conn:
             found = await conn.fetch(sql, *args)
         hits = [

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from chatsessions.models import Message, MessageCreate, Role, Session
 from chatsessions.storage.common import cited_doc_ids
-from chatsessions.text import content_text, index_words, tsvector_literal
+from chatsessions.text import content_text, scoped_words, tsvector_literal
 
 # What PostgreSQL text cannot hold: NUL, and (not being UTF-8) unpaired surrogates.
 _NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
@@ -147,8 +147,8 @@ def _dump_models(models: Sequence[BaseModel] | None) -> str | None:
 def _words(tenant: str, message: MessageCreate) -> str | None:
     if message.status.value == "in_progress":
         return None  # a streamed message is indexed once it completes
-    found = index_words(content_text(message.content))
-    return tsvector_literal(tenant, message.role.value, found) if found else None
+    found = scoped_words(tenant, message.role.value, content_text(message.content))
+    return tsvector_literal(found) if found else None
 
 
 def citation_arrays(messages: list[Message]) -> tuple[list[Any], ...]:

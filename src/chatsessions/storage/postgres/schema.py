@@ -144,8 +144,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         5,
         "full-text search and citations",
         """
-        -- The message's folded words (chatsessions.text) with positions, plus a tenant and a
-        -- role word without positions, so the GIN index finds only the tenant's messages.
+        -- The message's folded words with positions, each prefixed by its tenant and role
+        -- (chatsessions.text.scoped_words), so the GIN index finds only the tenant's messages.
         ALTER TABLE messages ADD COLUMN words tsvector;
         CREATE INDEX messages_words ON messages USING gin (words);
 

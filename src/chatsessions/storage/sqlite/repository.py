@@ -87,15 +87,7 @@ from chatsessions.storage.sqlite.events import (
 from chatsessions.storage.sqlite.reader import Readers
 from chatsessions.storage.sqlite.schema import DataDirLock, Location, configure_writer, migrate
 from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
-from chatsessions.text import (
-    SearchQuery,
-    content_text,
-    index_text,
-    match_expression,
-    role_token,
-    snippet,
-    tenant_token,
-)
+from chatsessions.text import SearchQuery, content_text, match_expression, scoped_words, snippet
 
 log = logging.getLogger("chatsessions.sqlite")
 
@@ -230,10 +222,9 @@ class SqliteSessionRepository:
         conn: apsw.Connection, tenant: str, session_id: str, pk: int, rowid: int, message: Message
     ) -> None:
         """A message's full-text words and citations (in the caller's transaction)."""
-        indexed = index_text(content_text(message.content))
-        if indexed:
-            scope = f"{tenant_token(tenant)} {role_token(message.role.value)}"
-            conn.execute(rows.INDEX_WORDS, (rowid, scope, indexed))
+        found = scoped_words(tenant, message.role.value, content_text(message.content))
+        if found:
+            conn.execute(rows.INDEX_WORDS, (rowid, " ".join(found)))
         created = to_us(message.created_at)
         for ordinal, doc_id, reference in cited_doc_ids(message.references):
             citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
@@ -449,10 +440,7 @@ class SqliteSessionRepository:
     async def search(
         self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
     ) -> SearchResult:
-        expression = f'scope : "{tenant_token(tenant)}"'
-        if filters.role is not None:
-            expression += f' AND scope : "{role_token(filters.role.value)}"'
-        expression += f" AND words : ({match_expression(query)})"
+        expression = match_expression(tenant, filters.role.value if filters.role else None, query)
         clauses, args = _session_clauses(
             "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
         )

@@ -38,7 +38,7 @@ INSERT INTO messages (session_pk, seq, size, created_at, body, client_id) VALUES
 """
 SELECT_CLIENT_ID = "SELECT seq FROM messages WHERE session_pk = ? AND client_id = ?"
 DELETE_MESSAGES = "DELETE FROM messages WHERE session_pk = ?"
-INDEX_WORDS = "INSERT INTO message_words (rowid, scope, words) VALUES (?, ?, ?)"
+INDEX_WORDS = "INSERT INTO message_words (rowid, words) VALUES (?, ?)"
 UNINDEX_SESSION = "DELETE FROM message_words WHERE rowid IN (SELECT rowid FROM messages WHERE session_pk = ?)"
 INSERT_CITATION = """
 INSERT INTO citations (tenant, doc_id, created_at, session_id, seq, ordinal, session_pk, reference)

@@ -90,11 +90,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: full-text search and citations, kept in the transaction of the messages they index.
     """
-    -- Contentless FTS5 (the text lives once, in messages.body): `words` indexes the message's
-    -- folded text (chatsessions.text), `scope` a tenant token and a role token, so a search
-    -- matches only the tenant's messages. Deletable by rowid (= messages.rowid).
+    -- Contentless FTS5 (the text lives once, in messages.body): the message's folded words,
+    -- each prefixed by its tenant and role (chatsessions.text.scoped_words), so a word's list
+    -- holds only that tenant's messages. Deletable by rowid (= messages.rowid).
     CREATE VIRTUAL TABLE message_words USING fts5(
-        scope, words, content = '', contentless_delete = 1, tokenize = 'unicode61 remove_diacritics 0'
+        words, content = '', contentless_delete = 1, tokenize = 'unicode61 remove_diacritics 0'
     );
 
     -- One row per reference of a message whose `doc_id` member is a string.
