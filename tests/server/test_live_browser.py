@@ -108,7 +108,9 @@ async def chromium(profile: Path) -> AsyncIterator[Page]:
             await process.wait()
 
 
-TEXTS = "Array.from(document.querySelectorAll('.m .text')).map(e => e.textContent)"
+TEXT = "Array.from(document.querySelectorAll('.m .text')).map(e => e.textContent).join('|')"
+STATUS = "Array.from(document.querySelectorAll('.m')).map(e => e.dataset.status).join('|')"
+PIECES = [f"tok{i} " for i in range(10)]
 
 
 async def test_the_page_shows_text_as_it_arrives_and_resumes_after_a_restart(tmp_path: Path) -> None:
@@ -121,22 +123,25 @@ async def test_the_page_shows_text_as_it_arrives_and_resumes_after_a_restart(tmp
                 sid = (await client.post("/v1/sessions", json={"title": "live demo"})).json()["id"]
                 await page.call("Page.navigate", url=f"{base}/demo/live?session={sid}")
                 await page.wait_for("document.body.dataset.state === 'live'")
-                for i in range(5):
-                    body = {"role": "assistant", "content": f"chunk-{i}"}
-                    assert (await client.post(f"/v1/sessions/{sid}/messages", json=body)).status_code == 201
-                    # Each piece shows up while the script is still writing: before the next is sent.
-                    await page.wait_for(f"{TEXTS}.includes('chunk-{i}')")
+                body = {"role": "assistant", "content": "", "status": "in_progress"}
+                seq = (await client.post(f"/v1/sessions/{sid}/messages", json=body)).json()["seq"]
+                deltas = f"/v1/sessions/{sid}/messages/{seq}/deltas"
+                for i, piece in enumerate(PIECES[:5]):
+                    assert (await client.post(deltas, json={"content": piece})).status_code == 200
+                    # The text grows while the script is still streaming: before the next delta is sent.
+                    await page.wait_for(f"{TEXT} === {''.join(PIECES[: i + 1])!r}")
         await page.wait_for("document.body.dataset.state === 'reconnecting'")
         with running_server(env, port):
             async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
-                for i in range(5, 10):  # written while the page is still reconnecting
-                    body = {"role": "assistant", "content": f"chunk-{i}"}
-                    assert (await client.post(f"/v1/sessions/{sid}/messages", json=body)).status_code == 201
-                await page.wait_for(f"{TEXTS}.includes('chunk-9')")
-                shown = await page.evaluate(TEXTS)
+                for piece in PIECES[5:]:  # streamed while the page is still reconnecting
+                    assert (await client.post(deltas, json={"content": piece})).status_code == 200
+                done = await client.patch(f"/v1/sessions/{sid}/messages/{seq}", json={"status": "completed"})
+                assert done.status_code == 200
+                await page.wait_for(f"{STATUS} === 'completed'")
+                shown = await page.evaluate(TEXT)
                 reconnects = await page.evaluate("document.getElementById('reconnects').textContent")
                 shot = await page.call("Page.captureScreenshot", format="png")
-    assert shown == [f"chunk-{i}" for i in range(10)]  # every piece once, in order, none lost in the restart
+    assert shown == "".join(PIECES)  # every delta once, in order, none lost in the restart
     assert int(reconnects) >= 1
     screenshot = tmp_path / "live-demo.png"
     screenshot.write_bytes(base64.b64decode(shot["data"]))
