@@ -108,6 +108,11 @@ def message_updated_event(tenant: str, session: Session, message: Message) -> Ev
     return draft(tenant, session, MESSAGE_UPDATED, {"message": message.model_dump(mode="json")})
 
 
+def message_deleted_event(tenant: str, session: Session, seq: int) -> EventDraft:
+    """message.deleted: one message went (the lifecycle's message delete calls this)."""
+    return draft(tenant, session, MESSAGE_DELETED, {"seq": seq})
+
+
 def deleted_event(tenant: str, session: Session) -> EventDraft:
     """session.deleted: its id is the version after the deleted one."""
     return draft(tenant, session, SESSION_DELETED, {}, version=session.version + 1)
