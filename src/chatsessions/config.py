@@ -20,6 +20,19 @@ class FsyncMode(StrEnum):
     never = "never"
 
 
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class LogLevel(StrEnum):
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+
+
 class Settings(BaseSettings):
     """Every knob of the service. The README's configuration table lists them all."""
 
@@ -81,7 +94,22 @@ class Settings(BaseSettings):
         5.0, gt=0, description="PostgreSQL: connect and statement timeout; 503 beyond."
     )
     keys_file: Path | None = Field(None, description="API keys file (hashes only); unset: open mode, tenant default.")
-    log_level: str = Field("info", description="Log level of the service.")
+    log_level: LogLevel = Field(LogLevel.info, description="Log level of the service.")
+    log_format: LogFormat = Field(
+        LogFormat.text, description="text: human-readable lines; json: one JSON object a line (for log shippers)."
+    )
+    max_connections: int | None = Field(
+        None, ge=1, description="Most connections and requests served at once; 503 beyond. Unset: no limit."
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body that does not arrive in full within this time: 408, connection closed."
+    )
+    keep_alive_timeout_seconds: int = Field(
+        5,
+        ge=1,
+        description="Idle seconds after which a keep-alive connection is closed; also the time a connection has "
+        "to send its request headers.",
+    )
     telemetry: bool = Field(
         False,
         description="FastAPI's native OpenTelemetry traces, metrics and logs (needs an OpenTelemetry SDK set up).",

@@ -1,4 +1,4 @@
-"""Application factory: `create_app(settings)`; the lifespan owns the repository."""
+"""Application factory: `create_app(settings)`; one lifespan opens the keys and the repository."""
 
 from __future__ import annotations
 
@@ -6,37 +6,48 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from chatsessions import __version__
 from chatsessions.api import health
+from chatsessions.api.access import AccessMiddleware
 from chatsessions.api.appends import append_routes
-from chatsessions.api.auth import install_auth
+from chatsessions.api.auth import BearerAuthMiddleware
 from chatsessions.api.citations import build_citations_router
 from chatsessions.api.demo import build_demo_router
 from chatsessions.api.docs import install_docs
 from chatsessions.api.events import build_events_router
+from chatsessions.api.logs import configure_logging
 from chatsessions.api.messages import build_messages_router
-from chatsessions.api.middleware import BodyLimitMiddleware
-from chatsessions.api.problems import PROBLEM_JSON, install_problem_handlers
+from chatsessions.api.metrics import Metrics
+from chatsessions.api.metrics import router as metrics_router
+from chatsessions.api.middleware import BodyDeadlines, BodyLimitMiddleware
+from chatsessions.api.openapi import build_openapi
+from chatsessions.api.problems import install_problem_handlers
 from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.api.streaming import build_streaming_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.events import Broker, EventSink
+from chatsessions.keys import KeySource
+from chatsessions.models import DEFAULT_TENANT
 from chatsessions.storage.base import SessionRepository, StoreObserver
 
 log = logging.getLogger("chatsessions")
 
 
 class State(TypedDict):
+    """What the lifespan yields; every request sees it as `request.state` (ASGI scope["state"])."""
+
     repository: SessionRepository
     settings: Settings
     broker: Broker
+    keys: KeySource | None
+    metrics: Metrics
+    body_deadlines: BodyDeadlines
 
 
 async def build_repository(
@@ -52,25 +63,20 @@ async def build_repository(
     return await PostgresSessionRepository.open(settings, observer=observer, sink=sink)
 
 
-def _problem_openapi(app: FastAPI) -> dict[str, Any]:
-    """OpenAPI of the routes, every error typed as application/problem+json."""
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title,
-            version=app.version,
-            description=app.description,
-            routes=app.routes,
-            tags=app.openapi_tags,
+async def open_keys(settings: Settings) -> KeySource | None:
+    """The keys file as the service reads it; None in open mode (and the log says so)."""
+    if settings.keys_file is None:
+        log.warning(
+            "OPEN MODE: no keys file is configured (CHATSESSIONS_KEYS_FILE), so every caller is tenant %r "
+            "without a key; create keys with `chatsessions keys create --tenant NAME`",
+            DEFAULT_TENANT,
         )
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                for status, response in operation.get("responses", {}).items():
-                    content = response.get("content", {})
-                    if status[0] in "45" and "application/json" in content:
-                        content[PROBLEM_JSON] = content.pop("application/json")
-                        response["content"] = content
-        app.openapi_schema = schema
-    return app.openapi_schema
+        return None
+    keys = await KeySource.open(settings.keys_file)
+    log.info("API keys from %s: %d active", settings.keys_file, keys.ring.active_count)
+    if keys.ring.active_count == 0:
+        log.warning("keys file %s has no active key: every request under /v1 gets 401", settings.keys_file)
+    return keys
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -79,17 +85,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        broker = Broker(capacity=resolved.events_buffer, max_subscribers=resolved.events_max_subscribers)
-        repository = await build_repository(resolved, sink=broker)
-        log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
-        # What is alive now (modules, the app, the catalog) lives as long as the app: keep it
-        # out of the collector's full passes, which otherwise rescan it under load.
-        gc.freeze()
+        logs = configure_logging(resolved)
         try:
-            yield {"repository": repository, "settings": resolved, "broker": broker}
+            keys = await open_keys(resolved)  # a bad keys file stops the start-up before the store opens
+            metrics = Metrics()
+            broker = Broker(capacity=resolved.events_buffer, max_subscribers=resolved.events_max_subscribers)
+            repository = await build_repository(resolved, metrics.observer(), sink=broker)
+            log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
+            # What is alive now (modules, the app, the catalog) lives as long as the app: keep it
+            # out of the collector's full passes, which otherwise rescan it under load.
+            deadlines = BodyDeadlines(interval=min(1.0, resolved.body_timeout_seconds / 4))
+            deadlines.start()
+            gc.freeze()
+            try:
+                yield {
+                    "repository": repository,
+                    "settings": resolved,
+                    "keys": keys,
+                    "metrics": metrics,
+                    "body_deadlines": deadlines,
+                    "broker": broker,
+                }
+            finally:
+                gc.unfreeze()
+                await deadlines.aclose()
+                await repository.aclose()
         finally:
-            gc.unfreeze()
-            await repository.aclose()
+            logs.close()
 
     app = FastAPI(
         title="chatsessions",
@@ -106,11 +128,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "messages", "description": "Append to and page through a session's history."},
             {"name": "search", "description": "Full-text search of messages, and the citations index."},
             {"name": "events", "description": "Change feeds of a session and of the tenant (Server-Sent Events)."},
-            {"name": "health", "description": "Probes for orchestrators."},
+            {"name": "health", "description": "Probes and metrics for orchestrators."},
         ],
     )
     install_problem_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes)
+    # Middlewares, innermost first: the body limit, authentication, then the request's id, log line and metrics.
+    app.add_middleware(
+        BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes, body_timeout=resolved.body_timeout_seconds
+    )
+    app.add_middleware(BearerAuthMiddleware, keys_required=resolved.keys_file is not None)
+    app.add_middleware(AccessMiddleware)
+    app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
     # The hot path first, before even /openapi.json: the router tries routes in order.
     app.router.routes[0:0] = append_routes()
     app.include_router(build_sessions_router(resolved))
@@ -121,8 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_events_router(resolved))
     app.include_router(build_demo_router())
     app.include_router(health.router)
+    app.include_router(metrics_router)
     install_docs(app)
-    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
-    install_auth(app, resolved)
-    app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
+    app.openapi = lambda: build_openapi(app, resolved)  # type: ignore[method-assign]
     return app

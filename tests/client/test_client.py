@@ -10,7 +10,6 @@ import pytest
 import pytest_asyncio
 from asgi_lifespan import LifespanManager
 
-from chatsessions.auth import create_key
 from chatsessions.client import (
     AsyncChatSessions,
     Conflict,
@@ -20,6 +19,7 @@ from chatsessions.client import (
     ValidationFailed,
 )
 from chatsessions.config import Settings
+from chatsessions.keys import create_key
 from chatsessions.main import create_app
 from chatsessions.models import MessageCreate, Role, Session, SessionCreate
 from tests.conftest import make_settings

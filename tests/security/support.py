@@ -19,8 +19,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from chatsessions.auth import create_key
 from chatsessions.config import Settings
+from chatsessions.keys import create_key
 from chatsessions.main import create_app
 from tests.conftest import drop_postgres_schema, make_settings
 

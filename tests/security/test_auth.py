@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatsessions.auth import KeysFileError, KeySource, create_key, load_keys, revoke_key
 from chatsessions.config import Settings
+from chatsessions.keys import KeysFileError, KeySource, create_key, load_keys, revoke_key
 from tests.security.support import PROBLEM_JSON, Tenants, asgi_request, bearer, make_tenants, running_app
 
 pytestmark = pytest.mark.asyncio
@@ -116,7 +116,7 @@ async def test_scheme_is_case_insensitive(settings: Settings, tenants: Tenants) 
 async def test_401_does_not_tell_whether_a_session_exists(settings: Settings, tenants: Tenants) -> None:
     async with running_app(settings) as app:
         assert (await app.client.put("/v1/sessions/exists1", headers=tenants.alice)).status_code == 201
-        for headers in ({}, bearer("nope")):
+        for headers in ({"X-Request-ID": "probe"}, {**bearer("nope"), "X-Request-ID": "probe"}):
             there = await app.client.get("/v1/sessions/exists1", headers=headers)
             absent = await app.client.get("/v1/sessions/absent1", headers=headers)
             assert (there.status_code, there.headers, there.content) == (

@@ -14,8 +14,9 @@ import pytest
 import uvicorn
 
 from chatsessions import cli
-from chatsessions.auth import KeyRing, KeysFileError, create_key, is_loopback_host, load_keys, mint_key, revoke_key
+from chatsessions.cli.serve import is_loopback_host
 from chatsessions.config import Settings
+from chatsessions.keys import KeyRing, KeysFileError, create_key, load_keys, mint_key, revoke_key
 from tests.security.support import bearer, cli_env, running_app
 
 

@@ -25,8 +25,8 @@ from fastapi import FastAPI
 from schemathesis import Case
 from schemathesis.python import asgi
 
-from chatsessions.auth import ApiKey, KeyRing, key_digest, save_keys
 from chatsessions.config import Settings
+from chatsessions.keys import ApiKey, KeyRing, key_digest, save_keys
 from chatsessions.main import create_app
 
 FUZZ = os.environ.get("CHATSESSIONS_FUZZ") == "1"

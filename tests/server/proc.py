@@ -47,6 +47,11 @@ def uvicorn_command(port: int) -> list[str]:
     ]
 
 
+def serve_command(port: int) -> list[str]:
+    """`chatsessions serve` itself: the protocol, limits and timeouts it sets up come along."""
+    return [sys.executable, "-m", "chatsessions.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+
+
 @dataclass
 class RunningServer:
     process: subprocess.Popen[bytes]
@@ -75,8 +80,11 @@ def _wait_until_healthy(server: RunningServer) -> None:
 
 
 @contextmanager
-def running_server(env: Mapping[str, str], port: int, *, cwd: Path | None = None) -> Iterator[RunningServer]:
-    """Start `uvicorn chatsessions.main:create_app --factory` on `port`, wait for /healthz, stop it on exit.
+def running_server(
+    env: Mapping[str, str], port: int, *, cwd: Path | None = None, command: list[str] | None = None
+) -> Iterator[RunningServer]:
+    """Start `uvicorn chatsessions.main:create_app --factory` (or `command`) on `port`, wait for /healthz,
+    stop it on exit.
 
     The server's output goes to a temporary file (a pipe nobody reads could fill and block it).
     """
@@ -84,7 +92,11 @@ def running_server(env: Mapping[str, str], port: int, *, cwd: Path | None = None
         log = Path(scratch) / "server.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                uvicorn_command(port), env=dict(env), cwd=cwd or scratch, stdout=sink, stderr=subprocess.STDOUT
+                command or uvicorn_command(port),
+                env=dict(env),
+                cwd=cwd or scratch,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
             )
         server = RunningServer(process, f"http://127.0.0.1:{port}", log)
         try:

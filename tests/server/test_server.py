@@ -78,7 +78,18 @@ def test_second_serve_command_on_the_same_data_dir_refuses_with_a_clear_message(
     assert httpx.get(f"{owner.server.base_url}/readyz", timeout=10).status_code == 200
 
 
-def test_serve_with_two_workers_on_the_file_store_refuses(tmp_path: Path) -> None:
+def test_check_on_a_live_data_dir_checks_it_beside_the_server(owner: Owner) -> None:
+    # `check` reads the database read-only (PRAGMA integrity_check) and takes no lock.
+    done = subprocess.run(
+        [CHATSESSIONS, "check"], env=owner.env, cwd=owner.cwd, capture_output=True, timeout=60, check=False
+    )
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert done.stdout.decode() == "chatsessions: configuration and sqlite store OK\n"
+
+
+def test_serve_with_two_workers_on_the_sqlite_store_refuses(tmp_path: Path) -> None:
     env = server_env(CHATSESSIONS_STORE="sqlite", CHATSESSIONS_DATA_DIR=tmp_path / "data")
     completed = subprocess.run(
         [CHATSESSIONS, "serve", "--port", str(free_port()), "--workers", "2"],

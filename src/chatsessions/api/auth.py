@@ -1,17 +1,10 @@
 """Bearer-key authentication: a pure ASGI middleware that sets the caller's tenant.
 
-`install_auth(app, settings)` wires three things:
-
-- the lifespan loads the keys file (`chatsessions.auth.KeySource`) before the
-  repository opens, and a missing or invalid file stops the start-up; with no
-  keys file configured the service runs open, as tenant `default`, and says so
-  in the log;
-- `BearerAuthMiddleware` checks `Authorization: Bearer <key>` on every request
-  except the public probes and docs, before any byte of the body is read, and
-  puts the key's tenant into the request state that `api.deps.get_tenant` reads;
-  a missing or wrong key gets 401 problem+json with `WWW-Authenticate: Bearer`;
-- the OpenAPI document declares the Bearer scheme, so Swagger UI's Authorize
-  button works.
+`BearerAuthMiddleware` checks `Authorization: Bearer <key>` on every request
+except the public probes, metrics and docs, before any byte of the body is read,
+and puts the key's tenant into the request state that `api.deps.get_tenant` reads;
+a missing or wrong key gets 401 problem+json with `WWW-Authenticate: Bearer`.
+The lifespan (`main.py`) opens the key source; `api/openapi.py` declares the scheme.
 
 Paths are protected unless listed public: a new route is never open by mistake.
 """
@@ -19,25 +12,23 @@ Paths are protected unless listed public: a new route is never open by mistake.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatsessions.api.docs import ASSETS
-from chatsessions.api.problems import PROBLEM_JSON, problem_response
-from chatsessions.auth import MAX_KEY_CHARS, KeySource
-from chatsessions.config import Settings
+from chatsessions.api.problems import problem_response
+from chatsessions.keys import MAX_KEY_CHARS, KeySource
 from chatsessions.models import DEFAULT_TENANT
 
 log = logging.getLogger("chatsessions")
 
 KEYS_STATE = "keys"
 SECURITY_SCHEME = "BearerAuth"
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 PUBLIC_PREFIXES = (ASSETS + "/",)
 _REALM = 'Bearer realm="chatsessions"'
 
@@ -107,67 +98,3 @@ class BearerAuthMiddleware:
         state["tenant"] = tenant
         scope["state"] = state
         await self.app(scope, receive, send)
-
-
-Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
-
-
-def _with_keys(inner: Lifespan, settings: Settings) -> Lifespan:
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
-        keys: KeySource | None = None
-        if settings.keys_file is None:
-            log.warning(
-                "OPEN MODE: no keys file is configured (CHATSESSIONS_KEYS_FILE), so every caller is tenant %r "
-                "without a key; create keys with `chatsessions keys create --tenant NAME`",
-                DEFAULT_TENANT,
-            )
-        else:
-            keys = await KeySource.open(settings.keys_file)
-            log.info("API keys from %s: %d active", settings.keys_file, keys.ring.active_count)
-            if keys.ring.active_count == 0:
-                log.warning("keys file %s has no active key: every request under /v1 gets 401", settings.keys_file)
-        async with inner(app) as state:
-            yield {**(state or {}), KEYS_STATE: keys}
-
-    return lifespan
-
-
-def add_bearer_security(schema: dict[str, Any]) -> dict[str, Any]:
-    """Declare the Bearer scheme and a 401 answer on every protected operation (idempotent)."""
-    components = schema.setdefault("components", {})
-    components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {
-        "type": "http",
-        "scheme": "bearer",
-        "description": "An API key from `chatsessions keys create`; it selects the tenant.",
-    }
-    has_problem = "Problem" in components.get("schemas", {})
-    problem_schema = {"$ref": "#/components/schemas/Problem"} if has_problem else {"type": "object"}
-    for path, operations in schema.get("paths", {}).items():
-        if is_public(path):
-            continue
-        for operation in operations.values():
-            operation["security"] = [{SECURITY_SCHEME: []}]
-            operation.setdefault("responses", {})["401"] = {
-                "description": "Missing or invalid API key",
-                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
-                "content": {PROBLEM_JSON: {"schema": problem_schema}},
-            }
-    return schema
-
-
-def install_auth(app: FastAPI, settings: Settings) -> None:
-    """Load keys in the lifespan, authenticate every protected request, document the scheme.
-
-    Call it last in `create_app`: the middleware must wrap the others, and the
-    OpenAPI hook wraps whatever `app.openapi` is by then.
-    """
-    app.router.lifespan_context = _with_keys(app.router.lifespan_context, settings)
-    app.add_middleware(BearerAuthMiddleware, keys_required=settings.keys_file is not None)
-    if settings.keys_file is not None:
-        base_openapi = app.openapi
-
-        def openapi() -> dict[str, Any]:
-            return add_bearer_security(base_openapi())
-
-        app.openapi = openapi  # type: ignore[method-assign]

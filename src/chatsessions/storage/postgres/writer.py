@@ -15,7 +15,7 @@ A change that its batch cannot take (the statement failed for a reason other
 than the database being unavailable: one change may hold something
 PostgreSQL refuses) is handed `ALONE`, and its caller runs it by itself, so
 it fails alone. When the database is unavailable, every change of the batch
-fails with it: nothing of a failed batch was committed.
+fails with it (one statement: they committed all together or not at all).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`chatsessions keys create | list | revoke`, and the open-mode guard of `chatsessions serve`."""
+"""`chatsessions keys create | list | revoke`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from chatsessions.auth import KeysFileError, create_key, is_loopback_host, load_keys, revoke_key
-from chatsessions.config import Settings
+from chatsessions.keys import KeysFileError, create_key, load_keys, revoke_key
 
 KEYS_FILE_VAR = "CHATSESSIONS_KEYS_FILE"
 
 
-def add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = commands.add_parser("keys", help="create, list and revoke API keys (the keys file holds hashes only)")
+    keys.set_defaults(handler=keys_command)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--keys-file", type=Path, default=None, help=f"keys file (default: ${KEYS_FILE_VAR})")
     actions = keys.add_subparsers(dest="keys_command", required=True)
@@ -57,20 +57,3 @@ def keys_command(args: argparse.Namespace) -> int:
         print(f"chatsessions: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def serve_refusal(settings: Settings, *, allow_anonymous: bool) -> str | None:
-    """Why `serve` must not start with these settings, or None."""
-    if settings.keys_file is not None:
-        try:
-            load_keys(settings.keys_file)
-        except KeysFileError as exc:
-            return str(exc)
-        return None
-    if allow_anonymous or is_loopback_host(settings.host):
-        return None
-    return (
-        f"refusing to serve on {settings.host} in open mode: without a keys file anyone who reaches the port reads "
-        f"and changes every session. Set ${KEYS_FILE_VAR} (create a key with `chatsessions keys create --tenant NAME`)"
-        ", bind a loopback address, or pass --allow-anonymous to accept that risk"
-    )

@@ -1,19 +1,10 @@
-"""API keys and tenants: the keys file, minting and revoking keys, checking a presented key.
-
-Nothing here imports FastAPI: the command line (`chatsessions keys`) and the HTTP
-middleware (`api/auth.py`) both build on this module, and nothing is read at import.
+"""API keys and tenants: the key format, an entry of the keys file, a set of keys, minting a key.
 
 A key reads ``cs_<key id>_<secret>``:
 
 - the key id is 12 lowercase hex characters. It is not secret (`keys list` shows
   it, logs may name it) and says which entry of the keys file to compare with;
 - the secret is 32 random bytes (256 bits) in 43 url-safe base64 characters.
-
-The keys file is JSON, written whole through temp file, fsync, rename (mode 0600):
-
-    {"format": 1,
-     "keys": [{"id": "3f9c0a1b2c4d", "tenant": "acme", "sha256": "<64 hex digits>",
-               "created_at": "2025-01-01T00:00:00Z", "revoked_at": null, "label": "billing"}]}
 
 Only the SHA-256 digest of each whole key is stored. A fast digest is the right
 tool here because the secret is 256 random bits, not a password: no dictionary
@@ -25,26 +16,13 @@ revoked id is compared against a dummy digest, so all wrong keys take the same p
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
 import hashlib
 import hmac
-import ipaddress
-import json
-import logging
-import os
 import re
 import secrets
-import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-log = logging.getLogger("chatsessions")
 
 KEYS_FILE_FORMAT = 1
 KEY_PREFIX = "cs"
@@ -182,153 +160,3 @@ def mint_key(tenant: str, *, label: str | None = None, taken: KeyRing | None = N
             break
     key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
     return key, ApiKey(key_id, tenant, key_digest(key), datetime.now(UTC), None, label)
-
-
-# --- the keys file (blocking I/O: the CLI, or a worker thread of the service) ---
-
-
-def load_keys(path: Path) -> KeyRing:
-    """Read and validate the keys file.
-
-    Raises:
-        KeysFileError: missing, unreadable or invalid.
-    """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise KeysFileError(
-            f"keys file {path} does not exist; create a key with `chatsessions keys create --tenant NAME`"
-        ) from exc
-    except OSError as exc:
-        raise KeysFileError(f"cannot read keys file {path}: {exc.strerror}") from exc
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise KeysFileError(f"keys file {path} is not valid JSON: {exc}") from exc
-    try:
-        return KeyRing.from_json(data)
-    except KeysFileError as exc:
-        raise KeysFileError(f"keys file {path}: {exc}") from exc
-
-
-def save_keys(path: Path, ring: KeyRing) -> None:
-    """Replace the keys file atomically: temp file, fsync, rename, fsync of the directory."""
-    data = (json.dumps(ring.to_json(), indent=2) + "\n").encode()
-    directory = path.parent
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise KeysFileError(f"cannot write in {directory}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, 0o600)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise read-modify-write cycles of concurrent `chatsessions keys` runs."""
-    try:
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise KeysFileError(f"cannot lock keys file {path}: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def create_key(path: Path, *, tenant: str, label: str | None = None) -> tuple[str, ApiKey]:
-    """Mint a key for `tenant` and add its digest to the keys file (created when missing)."""
-    with _locked(path):
-        ring = load_keys(path) if path.exists() else KeyRing()
-        key, entry = mint_key(tenant, label=label, taken=ring)
-        save_keys(path, ring.with_key(entry))
-    return key, entry
-
-
-def revoke_key(path: Path, key_id: str) -> ApiKey:
-    """Mark a key revoked; the entry stays, for the record. Revoking twice is a no-op."""
-    with _locked(path):
-        ring, entry = load_keys(path).revoked(key_id, now=datetime.now(UTC))
-        save_keys(path, ring)
-    return entry
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for addresses only this machine can reach; a host name other than localhost is not."""
-    if host.rstrip(".").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-# --- the keys file as the running service sees it --------------------------------
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
-class KeySource:
-    """The keys file of a running service: read at start-up, re-read when it changes.
-
-    At most once per `recheck_seconds` a request looks at the file's inode, mtime
-    and size (in a worker thread) and reloads it when they moved, so `keys create`
-    and `keys revoke` take effect without a restart. A file that turns missing or
-    invalid while the service runs leaves it with no valid key (every request 401)
-    until it is fixed: failing closed is the safe way to fail here.
-    """
-
-    def __init__(self, path: Path, ring: KeyRing, *, recheck_seconds: float) -> None:
-        self.path = path
-        self._ring = ring
-        self._signature = _signature(path)
-        self._recheck = recheck_seconds
-        self._next_check = time.monotonic() + recheck_seconds
-
-    @classmethod
-    async def open(cls, path: Path, *, recheck_seconds: float = 1.0) -> KeySource:
-        """Load the keys file; raises KeysFileError so that the service refuses to start."""
-        ring = await asyncio.to_thread(load_keys, path)
-        return cls(path, ring, recheck_seconds=recheck_seconds)
-
-    @property
-    def ring(self) -> KeyRing:
-        return self._ring
-
-    async def current(self) -> KeyRing:
-        now = time.monotonic()
-        if now < self._next_check:
-            return self._ring
-        # Set first, so that the requests arriving meanwhile use the ring they have.
-        self._next_check = now + self._recheck
-        signature = await asyncio.to_thread(_signature, self.path)
-        if signature != self._signature:
-            try:
-                self._ring = await asyncio.to_thread(load_keys, self.path)
-                log.info("keys file %s reloaded: %d active keys", self.path, self._ring.active_count)
-            except KeysFileError as exc:
-                self._ring = KeyRing()
-                log.error("%s; every request is refused until it is fixed", exc)
-            self._signature = signature
-        return self._ring

@@ -1,0 +1,5 @@
+import sys
+
+from chatsessions.cli import main
+
+sys.exit(main())
