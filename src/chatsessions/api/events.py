@@ -116,12 +116,15 @@ async def _session_stream(
     session_id: str,
     *,
     after: int | None,
+    first: ev.SessionReplay | None,
 ) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(retry=RECONNECT_MS)
     last = after
     if after is not None:
+        replay = first
         while True:
-            replay = await repository.read_session_events(tenant, session_id, after=last or 0, limit=REPLAY_PAGE)
+            if replay is None:
+                replay = await repository.read_session_events(tenant, session_id, after=last or 0, limit=REPLAY_PAGE)
             if replay.session is None:
                 break  # deleted meanwhile: its deletion event is in the buffer
             if not replay.replayable:
@@ -133,6 +136,7 @@ async def _session_stream(
                 last = event.version
             if len(replay.events) < REPLAY_PAGE:
                 break
+            replay = None
     while True:
         batch = await subscription.next_batch()
         if not batch:
@@ -214,12 +218,19 @@ def build_events_router(settings: Settings) -> APIRouter:
             )
         subscription = broker.subscribe(tenant, session_id=session_id)
         try:
-            if await repository.get_session(tenant, session_id) is None:
-                raise SessionNotFound(session_id)
+            # The first read happens before the 200: a missing session is a 404, a failing store a 503.
+            if position is None:
+                first = None
+                if await repository.get_session(tenant, session_id) is None:
+                    raise SessionNotFound(session_id)
+            else:
+                first = await repository.read_session_events(tenant, session_id, after=position, limit=REPLAY_PAGE)
+                if first.session is None:
+                    raise SessionNotFound(session_id)
         except BaseException:
             broker.unsubscribe(subscription)
             raise
-        stream = _session_stream(repository, subscription, tenant, session_id, after=position)
+        stream = _session_stream(repository, subscription, tenant, session_id, after=position, first=first)
         return respond(stream, broker, subscription)
 
     @router.get(

@@ -11,6 +11,7 @@ from typing import Any
 
 import apsw
 
+from chatsessions.errors import StorageCorrupted
 from chatsessions.events import ChangeEvent, EventDraft, SessionReplay, TenantFilter, TenantReplay
 from chatsessions.models import utcnow
 from chatsessions.storage.common import to_us
@@ -63,6 +64,14 @@ def forget_session(tx: Tx, tenant: str, session_id: str) -> None:
     tx.conn.execute(FORGET_SESSION, (tenant, session_id))
 
 
+def _events(rows_: Any) -> list[ChangeEvent]:
+    """Decode event rows; text SQLite cannot decode means a damaged page (SQLite keeps no checksum)."""
+    try:
+        return [_event_from(r) for r in rows_]
+    except UnicodeDecodeError as exc:
+        raise StorageCorrupted(f"the database is corrupt (an event's text cannot be decoded: {exc})") from exc
+
+
 def _event_from(row: tuple[Any, ...]) -> ChangeEvent:
     event_id, tenant, session_id, version, kind, data, user_id, document_id, section_id = row
     return ChangeEvent(event_id, EventDraft(tenant, session_id, version, kind, data, user_id, document_id, section_id))
@@ -82,7 +91,7 @@ def read_session_events(
         if not 0 <= after < session.version:
             return SessionReplay(session, [], False)
         (floor,) = next(conn.execute(INCARNATION_FLOOR, (tenant, session_id)))
-        events = [_event_from(r) for r in conn.execute(SESSION_EVENTS, (tenant, session_id, after, floor, limit))]
+        events = _events(conn.execute(SESSION_EVENTS, (tenant, session_id, after, floor, limit)))
     return SessionReplay(session, events, bool(events) and events[0].version == after + 1)
 
 
@@ -108,7 +117,7 @@ def read_tenant_events(
                 clauses += f" AND {column} = ?"
                 args.append(value)
         args.append(limit)
-        events = [_event_from(r) for r in conn.execute(TENANT_EVENTS.format(filters=clauses), args)]
+        events = _events(conn.execute(TENANT_EVENTS.format(filters=clauses), args))
     return TenantReplay(events, True, head)
 
 
