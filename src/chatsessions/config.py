@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     stream_idle_seconds: float = Field(
         300.0, gt=0, description="A streamed message without a change for this long becomes incomplete."
     )
+    retention_idle_seconds: float | None = Field(
+        None, gt=0, description="A session not pinned and unchanged this long is expired; unset: never."
+    )
+    purge_interval_seconds: float = Field(
+        60.0, gt=0, description="How often the sweeper purges expired sessions and erases deleted bytes."
+    )
+    max_import_bytes: int = Field(2**30, ge=1, description="Largest body of POST /v1/import; 413 beyond.")
     postgres_dsn: str | None = Field(None, description="PostgreSQL DSN, for store=postgres.")
     postgres_schema: str = Field(
         "chatsessions", pattern=r"^[a-z_][a-z0-9_]{0,62}$", description="PostgreSQL schema that holds the tables."

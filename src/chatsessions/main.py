@@ -16,6 +16,7 @@ from chatsessions.api.access import AccessMiddleware
 from chatsessions.api.appends import append_routes
 from chatsessions.api.auth import BearerAuthMiddleware
 from chatsessions.api.citations import build_citations_router
+from chatsessions.api.creates import create_routes
 from chatsessions.api.demo import build_demo_router
 from chatsessions.api.docs import install_docs
 from chatsessions.api.events import build_events_router
@@ -30,6 +31,7 @@ from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
 from chatsessions.api.streaming import build_streaming_router
+from chatsessions.api.transfer import IMPORT_BODY_TIMEOUT_SECONDS, IMPORT_PATH, build_transfer_router
 from chatsessions.config import Settings, StoreKind
 from chatsessions.events import Broker, EventSink
 from chatsessions.keys import KeySource
@@ -128,19 +130,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "messages", "description": "Append to and page through a session's history."},
             {"name": "search", "description": "Full-text search of messages, and the citations index."},
             {"name": "events", "description": "Change feeds of a session and of the tenant (Server-Sent Events)."},
+            {"name": "transfer", "description": "Export and import of sessions as NDJSON."},
             {"name": "health", "description": "Probes and metrics for orchestrators."},
         ],
     )
     install_problem_handlers(app)
     # Middlewares, innermost first: the body limit, authentication, then the request's id, log line and metrics.
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=resolved.max_body_bytes, body_timeout=resolved.body_timeout_seconds
+        BodyLimitMiddleware,
+        max_body_bytes=resolved.max_body_bytes,
+        body_timeout=resolved.body_timeout_seconds,
+        path_limits={IMPORT_PATH: resolved.max_import_bytes},
+        path_timeouts={IMPORT_PATH: IMPORT_BODY_TIMEOUT_SECONDS},
     )
     app.add_middleware(BearerAuthMiddleware, keys_required=resolved.keys_file is not None)
     app.add_middleware(AccessMiddleware)
     app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
     # The hot path first, before even /openapi.json: the router tries routes in order.
-    app.router.routes[0:0] = append_routes()
+    app.router.routes[0:0] = [*append_routes(), *create_routes()]
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
@@ -148,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_streaming_router(resolved))
     app.include_router(build_events_router(resolved))
     app.include_router(build_demo_router())
+    app.include_router(build_transfer_router())
     app.include_router(health.router)
     app.include_router(metrics_router)
     install_docs(app)

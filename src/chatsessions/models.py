@@ -10,17 +10,21 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     JsonValue,
     SerializerFunctionWrapHandler,
     StringConstraints,
+    Tag,
     TypeAdapter,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -85,11 +89,13 @@ class SessionSettings(BaseModel):
 # --- message content and tool calls (DESIGN.md "Messages as LLM APIs shape them") ---
 
 MESSAGE_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MESSAGE_ID_RE = re.compile(MESSAGE_ID_PATTERN)
 MessageId = Annotated[str, StringConstraints(pattern=MESSAGE_ID_PATTERN)]
 # `name` and `tool_call_id`: participant names and OpenAI's call ids are short.
 ShortName = Annotated[str, StringConstraints(max_length=256)]
 MAX_PARTS = 100
 MAX_TOOL_CALLS = 128
+MAX_BATCH = 100  # messages of one batch append
 
 
 def _is_none(value: object) -> bool:
@@ -149,15 +155,30 @@ _PART_ADAPTERS: dict[str, TypeAdapter[Any]] = {
 _OTHER_PART: TypeAdapter[OtherPart] = TypeAdapter(OtherPart)
 
 
+def _part_kind(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if isinstance(kind, str) and kind in _PART_ADAPTERS else "other"
+
+
 def _validate_part(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     # Dispatch on `type` by hand: a tagged union would put its tag into every error's loc.
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    adapter = _PART_ADAPTERS.get(kind, _OTHER_PART) if isinstance(kind, str) else _OTHER_PART
-    return adapter.validate_python(value)
+    return _PART_ADAPTERS.get(_part_kind(value), _OTHER_PART).validate_python(value)
 
 
 ContentPart = Annotated[TextPart | ImagePart | FilePart | OtherPart, WrapValidator(_validate_part)]
 ContentParts = Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)]
+# The same rules as a tagged union dispatched in pydantic-core: the fast path. Its errors carry
+# the tag in their loc, so a list it refuses is validated again by `_PARTS` for the errors.
+_TAGGED_PART = Annotated[
+    Annotated[TextPart, Tag("text")]
+    | Annotated[ImagePart, Tag("image")]
+    | Annotated[FilePart, Tag("file")]
+    | Annotated[OtherPart, Tag("other")],
+    Discriminator(_part_kind),
+]
+_PARTS_FAST: TypeAdapter[list[Any]] = TypeAdapter(
+    Annotated[list[_TAGGED_PART], Field(min_length=1, max_length=MAX_PARTS)]
+)
 _PARTS: TypeAdapter[list[Any]] = TypeAdapter(ContentParts)
 
 
@@ -166,7 +187,10 @@ def _validate_content(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _PARTS.validate_python(value)
+        try:
+            return _PARTS_FAST.validate_python(value)
+        except ValidationError:
+            return _PARTS.validate_python(value)  # raises, with each error at its field
     raise PydanticCustomError("content_type", "Input should be a string, a list of content parts, or null")
 
 
@@ -226,6 +250,20 @@ def _check_null_content(role: Role, content: object, tool_calls: list[ToolCall] 
 # --- inputs ---------------------------------------------------------------
 
 
+def _in_the_future(moment: datetime) -> datetime:
+    if moment <= utcnow():
+        raise ValueError("expires_at must lie in the future")
+    return moment.astimezone(UTC)
+
+
+# When a session expires, as a client sets it: a timestamp with a zone, later than now.
+ExpiresAt = Annotated[
+    AwareDatetime,
+    AfterValidator(_in_the_future),
+    Field(description="When the session expires (gone from every read at once); must lie in the future."),
+]
+
+
 class SessionPut(BaseModel):
     """Body of `PUT /v1/sessions/{id}`: the path names the session, so there is no `id`."""
 
@@ -237,6 +275,8 @@ class SessionPut(BaseModel):
     title: Annotated[str, StringConstraints(max_length=4096)] | None = None
     settings: SessionSettings = Field(default_factory=SessionSettings)
     metadata: JsonObject = Field(default_factory=dict)
+    expires_at: ExpiresAt | None = None
+    pinned: bool = Field(False, description="A pinned session is exempt from the idle retention rule.")
 
 
 class SessionCreate(SessionPut):
@@ -256,6 +296,8 @@ class SessionPatch(BaseModel):
     title: Annotated[str, StringConstraints(max_length=4096)] | None = None
     settings: JsonObject | None = None
     metadata: JsonObject | None = None
+    expires_at: ExpiresAt | None = None
+    pinned: bool | None = None
 
 
 # In the schema too: `content` absent or null requires an assistant message with tool calls.
@@ -296,7 +338,7 @@ class MessageBatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: Annotated[list[MessageCreate], Field(min_length=1, max_length=100)]
+    messages: Annotated[list[MessageCreate], Field(min_length=1, max_length=MAX_BATCH)]
 
 
 # --- outputs --------------------------------------------------------------
@@ -335,6 +377,8 @@ class Session(BaseModel):
         default_factory=SessionSettings
     )
     metadata: JsonObject = Field(default_factory=dict)
+    expires_at: datetime | None = None
+    pinned: bool = False
     message_count: int = 0
     last_seq: int = 0
     version: int = 1
@@ -418,6 +462,7 @@ class SessionFilter:
     document_id: str | None = None
     section_id: str | None = None
     cited_doc_id: str | None = None  # sessions with a message whose references cite this doc_id
+    pinned: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -491,13 +536,17 @@ def apply_merge_patch(target: JsonValue, patch: JsonValue) -> JsonValue:
 def patch_session(session: Session, patch: dict[str, JsonValue], *, now: datetime) -> Session:
     """Apply a validated merge patch to a session; bumps version and `updated_at`."""
     data = session.model_dump(mode="json")
-    for key in ("user_id", "document_id", "section_id", "title"):
+    for key in ("user_id", "document_id", "section_id", "title", "expires_at"):
         if key in patch:
             data[key] = patch[key]
     for key in ("settings", "metadata"):
         if key in patch:
             # `null` removes the member; for these two objects that means "reset to {}".
             data[key] = apply_merge_patch(data[key], patch[key]) if patch[key] is not None else {}
+    if patch.get("pinned") is not None:  # null removes the flag: back to its default, false
+        data["pinned"] = patch["pinned"]
+    elif "pinned" in patch:
+        data["pinned"] = False
     data["version"] = session.version + 1
     data["updated_at"] = now
     try:
@@ -578,3 +627,59 @@ class CitationCursor:
 class CitationListing:
     items: list[Citation]
     next_cursor: CitationCursor | None
+
+
+# --- lifecycle: retention, erasure, export and import -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """When a session is expired: past its `expires_at`, or (unless pinned) idle for `idle_seconds`.
+
+    Expiry is decided by time alone, never by a sweep having run: an expired session is gone
+    from every read at once, and stays gone across restarts until the sweeper purges it.
+    """
+
+    idle_seconds: float | None = None
+
+    def idle_cutoff(self, now: datetime) -> datetime | None:
+        """A session not pinned whose `updated_at` is at or before this is expired (None: no idle rule)."""
+        return None if self.idle_seconds is None else now - timedelta(seconds=self.idle_seconds)
+
+    def expired(self, session: Session, now: datetime) -> bool:
+        if session.expires_at is not None and session.expires_at <= now:
+            return True
+        cutoff = self.idle_cutoff(now)
+        return cutoff is not None and not session.pinned and session.updated_at <= cutoff
+
+
+class DeletedCount(BaseModel):
+    """Answer of a bulk deletion: how many sessions went."""
+
+    model_config = _ANSWER
+
+    deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFilter:
+    user_id: str | None = None
+    document_id: str | None = None
+    session_id: str | None = None
+
+
+class ImportOutcome(StrEnum):
+    created = "created"
+    skipped = "skipped"
+    replaced = "replaced"
+
+
+class ImportSummary(BaseModel):
+    """Answer of an import: counts are of what this import wrote."""
+
+    model_config = _ANSWER
+
+    sessions: int = 0
+    messages: int = 0
+    skipped: list[str] = Field(default_factory=list)
+    replaced: list[str] = Field(default_factory=list)

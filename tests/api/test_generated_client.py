@@ -33,10 +33,18 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamesp
     directory = tmp_path_factory.mktemp("generated")
     spec = directory / "openapi.json"
     spec.write_text(json.dumps(create_app(Settings(store="memory", data_dir=directory / "unused")).openapi()))
+    # NDJSON (export, import) is a byte stream to a generic client.
+    config = directory / "config.json"
+    config.write_text(json.dumps({"content_type_overrides": {"application/x-ndjson": "application/octet-stream"}}))
     # The generator formats its output with ruff, which sits beside it in the venv.
     env = {**os.environ, "PATH": f"{GENERATOR.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     result = subprocess.run(
-        [str(GENERATOR), "generate", "--path", str(spec), "--meta", "none", "--output-path", str(directory / PACKAGE)],
+        [
+            str(GENERATOR),
+            "generate",
+            *("--path", str(spec), "--meta", "none", "--output-path", str(directory / PACKAGE)),
+            *("--config", str(config)),
+        ],
         capture_output=True,
         text=True,
         cwd=directory,

@@ -33,6 +33,10 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("get", MSGS): ({"200"}, {"404", "422"}),
     ("get", MSGS + "/{seq}"): ({"200"}, {"404", "422"}),
     ("delete", MSGS): ({"204"}, {"404", "412"}),
+    ("delete", S): ({"200"}, {"422"}),
+    ("delete", MSGS + "/{seq}"): ({"204"}, {"404", "412"}),
+    ("get", "/v1/export"): ({"200"}, {"422"}),
+    ("post", "/v1/import"): ({"200"}, {"400", "413", "422"}),
     ("get", "/v1/search"): ({"200"}, {"422"}),
     ("get", "/v1/citations"): ({"200"}, {"422"}),
     ("post", MSGS + "/{seq}/deltas"): ({"200"}, {"400", "404", "409", "412", "413", "415", "422"}),
@@ -57,6 +61,8 @@ MODELS: dict[tuple[str, str], str] = {
     ("get", MSGS + "/{seq}"): "Message",
     ("patch", MSGS + "/{seq}"): "Message",
     ("post", MSGS + "/{seq}/deltas"): "MessageDeltaAck",
+    ("delete", S): "DeletedCount",
+    ("post", "/v1/import"): "ImportSummary",
     ("get", "/v1/search"): "SearchPage",
     ("get", "/v1/citations"): "CitationPage",
 }
@@ -69,6 +75,7 @@ IF_MATCH = {
     ("delete", MSGS),
     ("post", MSGS + "/{seq}/deltas"),
     ("patch", MSGS + "/{seq}"),
+    ("delete", MSGS + "/{seq}"),
 }
 IDEMPOTENT = {("post", S), ("post", MSGS), ("post", MSGS + "/batch"), ("post", MSGS + "/{seq}/deltas")}
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -118,6 +125,9 @@ async def test_success_responses_have_models(spec: dict[str, Any]) -> None:
                 continue
             if status == "204":
                 assert not responses[status].get("content"), key
+                continue
+            if key == ("get", "/v1/export"):
+                assert set(responses[status]["content"]) == {"application/x-ndjson"}
                 continue
             content = responses[status]["content"]
             # The change feeds answer a stream of Server-Sent Events, not JSON.

@@ -179,6 +179,11 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
         "INSERT INTO messages (tenant, session_id, seq, role, content, created_at)"
         " SELECT 't0', 's3', g, 'user', 'c', now() FROM generate_series(1, 20000) g"
     )
+    # Stored answers, most of them naming the session whose content they hold.
+    await admin.execute(
+        "INSERT INTO idempotency_keys (tenant, key, fingerprint, status, body, headers, expires_at, session_id)"
+        " SELECT 't' || (g % 3), 'k' || g, 'f', 201, '', '{}', now(), 's' || g FROM generate_series(1, 20000) g"
+    )
     await admin.execute("ANALYZE")
 
     cursor = SessionCursor(updated_at=(await admin.fetchval("SELECT now() - interval '1 hour'")), id="s100")
@@ -212,6 +217,11 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
         (queries.APPEND, ("t0", "s3", 1, now, None, *arrays)),
         (queries.APPEND_BATCH, (["t0", "t1"], ["s3", "s4"], [1, 1], [None, 2], now, [1, 2], [1, 1], *twice)),
         (queries.DELETE_SESSION, ("t0", "s3", [1])),
+        # Lifecycle: the sweeper (expires_at index), erasure of a user, an export page, a message.
+        (queries.PURGE_BY_TIME, (100,)),
+        (queries.DELETE_USER_SESSIONS, ("t0", "u3", None)),
+        (queries.EXPORT_SESSIONS, ("t0", "s1", 100, None, None, None)),
+        (queries.DELETE_MESSAGE, ("t0", "s3", 5)),
         (
             queries.CREATE_BATCH,
             (
@@ -225,6 +235,8 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
                 [1, 1],
                 [now, now],
                 [now, now],
+                [None, None],
+                [False, False],
             ),
         ),
     ]

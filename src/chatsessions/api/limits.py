@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic_core import to_json
 
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput
-from chatsessions.models import MessageCreate, SessionCreate, SessionPatch, TextPart
+from chatsessions.models import MessageCreate, OtherPart, SessionCreate, SessionPatch, TextPart, ToolCall
 
 
 def json_shape(value: Any) -> tuple[int, int]:
@@ -51,7 +52,7 @@ def _over(text: str, limit: int) -> bool:
 
 
 def check_content(content: str | list[Any] | None, settings: Settings, loc: tuple[str | int, ...]) -> None:
-    """The text of all parts within the content limit; each part within the JSON limits."""
+    """The text of all parts within the content limit; the rest of each part within the JSON limits."""
     limit = settings.max_content_bytes
     if isinstance(content, str):
         if _over(content, limit):
@@ -64,17 +65,31 @@ def check_content(content: str | list[Any] | None, settings: Settings, loc: tupl
         raise InvalidInput(f"the text of content's parts is larger than {limit} bytes", loc=loc)
     for j, part in enumerate(content):
         # A text part's text counts against the content limit, the rest of a part against the JSON limits.
-        rest = part.model_dump(mode="json", exclude={"text"} if isinstance(part, TextPart) else None)
-        check_json(rest, settings, (*loc, j))
+        if part.model_extra or isinstance(part, OtherPart):
+            rest = part.model_dump(mode="json", exclude={"text"} if isinstance(part, TextPart) else None)
+            check_json(rest, settings, (*loc, j))
+        elif not isinstance(part, TextPart) and _flat_size(part) > settings.max_json_bytes:
+            check_json(part.model_dump(mode="json"), settings, (*loc, j))  # raises with the exact size
+
+
+def _flat_size(model: BaseModel) -> int:
+    """At most the JSON size of a model whose members are short names and strings (no nesting, no extras)."""
+    return 100 + sum(4 * len(value) + 20 for value in model.__dict__.values() if isinstance(value, str))
+
+
+def check_tool_calls(calls: list[ToolCall] | None, settings: Settings, loc: tuple[str | int, ...]) -> None:
+    """Each tool call within the JSON size limit (their shape is fixed: flat strings, three levels)."""
+    for j, call in enumerate(calls or ()):
+        bound = 200 + 4 * (len(call.id) + len(call.function.name) + len(call.function.arguments))
+        if bound > settings.max_json_bytes:
+            check_json(call.model_dump(mode="json"), settings, (*loc, j))
 
 
 def check_messages(messages: list[MessageCreate], settings: Settings, loc: tuple[str | int, ...]) -> None:
     for i, message in enumerate(messages):
         where = (*loc, i) if len(messages) > 1 or loc[-1] == "messages" else loc
         check_content(message.content, settings, (*where, "content"))
-        if message.tool_calls is not None:
-            for j, call in enumerate(message.tool_calls):
-                check_json(call.model_dump(mode="json"), settings, (*where, "tool_calls", j))
+        check_tool_calls(message.tool_calls, settings, (*where, "tool_calls"))
         check_json(message.metadata, settings, (*where, "metadata"))
         check_json(message.references, settings, (*where, "references"))
 

@@ -44,6 +44,18 @@ def build_messages_router(settings: Settings) -> APIRouter:
         return Response(message.model_dump_json(), media_type="application/json")
 
     @router.delete(
+        "/{seq}",
+        status_code=204,
+        responses={204: success_doc("Deleted", "ETag"), **problem_responses(404, 412, 422, 503, 507)},
+    )
+    async def delete_message(
+        session_id: SessionIdPath, seq: SeqPath, repository: RepositoryDep, tenant: TenantDep, if_match: IfMatchDep
+    ) -> Response:
+        """Delete one message; its seq is never reused."""
+        session = await repository.delete_message(tenant, session_id, seq, if_match=if_match)
+        return Response(status_code=204, headers={"ETag": session.etag})
+
+    @router.delete(
         "",
         status_code=204,
         responses={204: success_doc("Cleared", "ETag"), **problem_responses(404, 412, 422, 503, 507)},

@@ -79,37 +79,48 @@ class BodyDeadlines:
 class BodyLimitMiddleware:
     """Answer 413 for a declared Content-Length over the limit without reading a byte;
     otherwise count the chunks as they arrive (chunked bodies included) and stop at
-    the first byte over the limit.
+    the first byte over the limit. `path_limits` gives paths a limit of their own, and
+    `path_timeouts` a body deadline of their own (the streamed import).
 
     The whole body must arrive within `body_timeout` seconds of the request: otherwise
     the read raises `BodyTimeout`, answered 408 with `Connection: close` (the server
     then closes the connection, whose stream is in an unknown state)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout: float,
+        path_limits: dict[str, int] | None = None,
+        path_timeouts: dict[str, float] | None = None,
+    ) -> None:
         self.app = app
-        self.limit = max_body_bytes
+        self.default_limit = max_body_bytes
         self.body_timeout = body_timeout
+        self.path_limits = dict(path_limits or {})
+        self.path_timeouts = dict(path_timeouts or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope["path"], self.default_limit)
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared > self.limit:
-                    response = problem_response(413, f"the request body exceeds {self.limit} bytes")
+                if declared > limit:
+                    response = problem_response(413, f"the request body exceeds {limit} bytes")
                     response.headers["Connection"] = "close"
                     await response(scope, receive, send)
                     return
                 break
         received = 0
-        limit = self.limit
         complete = False
-        timeout = self.body_timeout
+        timeout = self.path_timeouts.get(scope["path"], self.body_timeout)
         deadline = asyncio.get_running_loop().time() + timeout
         deadlines = (scope.get("state") or {}).get(DEADLINES_STATE)
 

@@ -6,19 +6,19 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query
 from starlette.responses import Response
 
 from chatsessions.api.deps import IfMatchDep, RepositoryDep, SettingsDep, TenantDep
-from chatsessions.api.idempotency import run_idempotent, stored_to_response
+from chatsessions.api.idempotency import stored_to_response
 from chatsessions.api.limits import check_session_fields
-from chatsessions.api.params import CursorQuery, FilterQuery, IdempotencyKeyHeader, SessionIdPath
+from chatsessions.api.params import CursorQuery, FilterQuery, SessionIdPath
 from chatsessions.api.problems import problem_responses, success_doc
 from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput, SessionNotFound
 from chatsessions.models import (
-    IdempotencyRequest,
+    DeletedCount,
     Message,
     Session,
     SessionCreate,
@@ -66,41 +66,6 @@ def decode_cursor(token: str) -> SessionCursor:
 def build_sessions_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=JSONRoute)
 
-    @router.post(
-        "",
-        status_code=201,
-        response_model=Session,
-        responses={
-            201: success_doc("Created", "Location", "ETag", "Idempotent-Replayed"),
-            **problem_responses(400, 409, 413, 415, 422, 503, 507),
-        },
-    )
-    async def create_session(
-        request: Request,
-        repository: RepositoryDep,
-        tenant: TenantDep,
-        settings: SettingsDep,
-        idempotency_key: IdempotencyKeyHeader = None,
-        body: Annotated[SessionCreate | None, Body()] = None,
-    ) -> Response:
-        """Create a session."""
-        data = body or SessionCreate()
-        check_session_fields(data, settings)
-
-        async def action(idempotency: IdempotencyRequest | None) -> StoredResponse:
-            session = await repository.create_session(tenant, data, idempotency=idempotency)
-            return render_created(session, [])
-
-        answer = await run_idempotent(
-            repository=repository,
-            tenant=tenant,
-            key=idempotency_key,
-            request=(request.method, request.scope["path"], await request.body()),
-            render=render_created,
-            action=action,
-        )
-        return answer.response()
-
     @router.put(
         "/{session_id}",
         response_model=Session,
@@ -145,6 +110,7 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         cited_doc_id: Annotated[
             str | None, Query(max_length=1024, description="Only sessions with a message that cites this doc_id.")
         ] = None,
+        pinned: Annotated[bool | None, Query(description="Only pinned (true) or unpinned (false) sessions.")] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_sessions)] = min(20, settings.max_page_sessions),
         cursor: CursorQuery = None,
     ) -> SessionPage:
@@ -152,7 +118,11 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         listing = await repository.list_sessions(
             tenant,
             filters=SessionFilter(
-                user_id=user_id, document_id=document_id, section_id=section_id, cited_doc_id=cited_doc_id
+                user_id=user_id,
+                document_id=document_id,
+                section_id=section_id,
+                cited_doc_id=cited_doc_id,
+                pinned=pinned,
             ),
             limit=limit,
             cursor=decode_cursor(cursor) if cursor else None,
@@ -194,5 +164,16 @@ def build_sessions_router(settings: Settings) -> APIRouter:
         """Delete a session and its messages."""
         await repository.delete_session(tenant, session_id, if_match=if_match)
         return Response(status_code=204)
+
+    @router.delete("", response_model=DeletedCount, responses=problem_responses(422, 503, 507))
+    async def delete_user_sessions(
+        repository: RepositoryDep,
+        tenant: TenantDep,
+        user_id: Annotated[str, Query(max_length=1024, description="Whose sessions to erase (required).")],
+        document_id: FilterQuery = None,
+    ) -> DeletedCount:
+        """Erase every session of a user (optionally only those of one document)."""
+        deleted = await repository.delete_sessions(tenant, user_id=user_id, document_id=document_id)
+        return DeletedCount(deleted=deleted)
 
     return router

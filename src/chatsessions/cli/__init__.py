@@ -1,4 +1,4 @@
-"""`chatsessions serve | check | keys` — the command line.
+"""`chatsessions serve | check | backup | keys | export | import` — the command line.
 
 Each command is a module with `add_command(commands)`, which adds its parser and
 sets `handler`; `COMMANDS` lists them in `--help` order. `export`, `import` and
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from chatsessions import __version__
-from chatsessions.cli import backup, check, keys, serve
+from chatsessions.cli import backup, check, keys, serve, transfer
 
-COMMANDS = [serve, check, backup, keys]
+COMMANDS = [serve, check, backup, keys, transfer]
 
 
 class Parser(argparse.ArgumentParser):

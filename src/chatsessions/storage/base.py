@@ -19,7 +19,9 @@ from chatsessions.models import (
     CitationCursor,
     CitationFilter,
     CitationListing,
+    ExportFilter,
     IdempotencyRequest,
+    ImportOutcome,
     Message,
     MessageCreate,
     MessageQuery,
@@ -121,6 +123,16 @@ class SessionRepository(Protocol):
         """
         ...
 
+    async def delete_sessions(self, tenant: str, *, user_id: str, document_id: str | None = None) -> int:
+        """Erase every session of `user_id` (only those of `document_id` when given).
+
+        Each session goes with its messages, search words, citations and stored answers.
+
+        Returns:
+            How many sessions were deleted.
+        """
+        ...
+
     async def append_messages(
         self,
         tenant: str,
@@ -160,6 +172,42 @@ class SessionRepository(Protocol):
 
         Raises:
             SessionNotFound, PreconditionFailed.
+        """
+        ...
+
+    async def delete_message(
+        self, tenant: str, session_id: str, seq: int, *, if_match: Precondition | None = None
+    ) -> Session:
+        """Delete one message (one version step); its seq is never used again.
+
+        Its search words, citations and the stored answers of the session go with it.
+
+        Raises:
+            SessionNotFound, MessageNotFound, PreconditionFailed.
+        """
+        ...
+
+    async def export_sessions(
+        self, tenant: str, *, filters: ExportFilter, after: str | None, limit: int
+    ) -> list[Session]:
+        """Up to `limit` live sessions in id order, with ids greater than `after` (a page of an export)."""
+        ...
+
+    async def import_session(
+        self, tenant: str, session: Session, messages: list[Message], *, replace: bool
+    ) -> ImportOutcome:
+        """Store a session exactly as given (ids, seqs, timestamps, version), with its messages, atomically.
+
+        An existing live session with that id is kept (`skipped`) unless `replace`, which
+        deletes it first, in the same change (`replaced`).
+        """
+        ...
+
+    async def purge(self) -> int:
+        """Purge expired sessions now and erase deleted content from storage; the sweeper's work.
+
+        Returns:
+            How many sessions were purged.
         """
         ...
 

@@ -32,6 +32,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def new_session(data: SessionCreate, *, session_id: str | None = None, now: datetime) -> Session:
     return Session(
+        expires_at=data.expires_at,
+        pinned=data.pinned,
         id=session_id or data.id or str(uuid.uuid4()),
         user_id=data.user_id,
         document_id=data.document_id,
@@ -48,8 +50,9 @@ def new_session(data: SessionCreate, *, session_id: str | None = None, now: date
 
 
 def new_messages(messages: list[MessageCreate], *, first_seq: int, now: datetime) -> list[Message]:
+    # Every field comes from a validated MessageCreate: built without validating its parts again.
     return [
-        Message(
+        Message.model_construct(
             seq=first_seq + i,
             id=m.id,
             role=m.role,
@@ -93,6 +96,12 @@ def after_append(session: Session, added: int, *, now: datetime) -> Session:
             "version": session.version + 1,
             "updated_at": now,
         }
+    )
+
+
+def after_message_deleted(session: Session, *, now: datetime) -> Session:
+    return session.model_copy(
+        update={"message_count": session.message_count - 1, "version": session.version + 1, "updated_at": now}
     )
 
 
@@ -153,6 +162,27 @@ def change_time(current: Session) -> datetime:
     return max(utcnow(), current.updated_at)
 
 
+def _alive_clause(alive: tuple[str, list[Any]], args: list[Any], placeholder: Callable[[int], str]) -> str:
+    """A backend's "not expired" condition with its arguments appended to `args` (`{0}`, `{1}`... in it)."""
+    numbers = []
+    for value in alive[1]:
+        args.append(value)
+        numbers.append(placeholder(len(args)))
+    return alive[0].format(*numbers)
+
+
+def equalities(
+    args: list[Any], placeholder: Callable[[int], str], column: Callable[[str], str], **values: str | None
+) -> list[str]:
+    """`<column> = <placeholder>` for each value given (None: no condition); the values join `args`."""
+    found = []
+    for name, value in values.items():
+        if value is not None:
+            args.append(value)
+            found.append(f"{column(name)} = {placeholder(len(args))}")
+    return found
+
+
 def listing_sql(
     *,
     columns: str,
@@ -162,6 +192,7 @@ def listing_sql(
     placeholder: Callable[[int], str],
     moment: Callable[[datetime], Any],
     tenant: str,
+    alive: tuple[str, list[Any]] = ("", []),
 ) -> tuple[str, list[Any]]:
     """SQL and arguments of one listing page over `sessions`: newest `updated_at` first, ties by id.
 
@@ -169,17 +200,23 @@ def listing_sql(
     and the cursor bounds the index scan, so a deep page costs no more than the first.
     `placeholder(n)` spells the n-th parameter (`$n`, `?n`); `moment` converts a timestamp to
     the column's type. Ask for `limit + 1` rows to learn whether another page follows.
+    `alive` is the backend's condition for a session that has not expired, `{0}`, `{1}`...
+    standing for its arguments.
     """
     args: list[Any] = [tenant]
     where = [f"tenant = {placeholder(1)}"]
-    for column, value in (
-        ("user_id", filters.user_id),
-        ("document_id", filters.document_id),
-        ("section_id", filters.section_id),
-    ):
-        if value is not None:
-            args.append(value)
-            where.append(f"{column} = {placeholder(len(args))}")
+    where += equalities(
+        args,
+        placeholder,
+        str,
+        user_id=filters.user_id,
+        document_id=filters.document_id,
+        section_id=filters.section_id,
+    )
+    if filters.pinned is not None:
+        where.append("pinned" if filters.pinned else "NOT pinned")
+    if alive[0]:
+        where.append(_alive_clause(alive, args, placeholder))
     if filters.cited_doc_id is not None:
         args.append(filters.cited_doc_id)
         # Both backends keep (tenant, doc_id, ..., session_id) citations under one index.
@@ -232,6 +269,7 @@ def citations_sql(
     cursor: CitationCursor | None,
     placeholder: Callable[[int], str],
     moment: Callable[[datetime], Any],
+    alive: tuple[str, list[Any]] = ("", []),
 ) -> tuple[str, list[Any]]:
     """SQL and arguments of one citations page: newest first, then session id, seq and reference index.
 
@@ -240,13 +278,12 @@ def citations_sql(
     `(session_id, seq, created_at, ordinal, reference)`; ask for `limit + 1`.
     """
     args: list[Any] = [tenant, doc_id]
-    join = ""
     where = [f"c.tenant = {placeholder(1)}", f"c.doc_id = {placeholder(2)}"]
-    for column, value in (("user_id", filters.user_id), ("section_id", filters.section_id)):
-        if value is not None:
-            join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id"
-            args.append(value)
-            where.append(f"s.{column} = {placeholder(len(args))}")
+    on_session = equalities(args, placeholder, "s.{}".format, user_id=filters.user_id, section_id=filters.section_id)
+    join = " JOIN sessions s ON s.tenant = c.tenant AND s.id = c.session_id" if on_session or alive[0] else ""
+    where += on_session
+    if alive[0]:  # the citing session has not expired (`alive` as in `listing_sql`, on `s.`)
+        where.append(_alive_clause(alive, args, placeholder))
     if cursor is not None:
         args += [moment(cursor.created_at), cursor.session_id, cursor.seq, cursor.ordinal]
         t, i, q, o = (placeholder(n) for n in range(len(args) - 3, len(args) + 1))

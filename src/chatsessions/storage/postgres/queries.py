@@ -20,8 +20,20 @@ from chatsessions.storage.postgres.rows import moment
 
 SESSION_COLUMNS = (
     "id, user_id, document_id, section_id, title, settings, metadata, "
-    "message_count, last_seq, version, created_at, updated_at"
+    "message_count, last_seq, version, created_at, updated_at, expires_at, pinned"
 )
+# A live session: not past its expires_at and, unless pinned, not idle for the idle rule's
+# seconds (the connection setting `chatsessions.idle_seconds`, empty: no idle rule). Every
+# read and change goes through it, so an expired session is gone at once, by time; the
+# sweeper deletes the rows later.
+IDLE_SETTING = "chatsessions.idle_seconds"
+_IDLE_CUTOFF = f"now() - nullif(current_setting('{IDLE_SETTING}', true), '')::float8 * interval '1 second'"
+ALIVE = (
+    "({p}expires_at IS NULL OR {p}expires_at > now()) "
+    "AND ({p}pinned OR coalesce({p}updated_at > " + _IDLE_CUTOFF.replace("{", "{{").replace("}", "}}") + ", true))"
+)
+_ALIVE = ALIVE.format(p="")
+_S_ALIVE = ALIVE.format(p="s.")
 _S_SESSION_COLUMNS = ", ".join(f"s.{column}" for column in SESSION_COLUMNS.split(", "))
 # The columns an append writes for each message, beside seq and the times, in `rows.message_arrays`
 # order, with their types (jsonb and tsvector travel as text).
@@ -54,26 +66,30 @@ def _unnest(first: int) -> str:
 # What a read gives of a message (not its words).
 MESSAGE_COLUMNS = "seq, created_at, updated_at, " + ", ".join(name for name, _ in MESSAGE_FIELDS if name != "words")
 
-SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2"
+SELECT_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2 AND {_ALIVE}"
 LOCK_SESSION = SELECT_SESSION + " FOR UPDATE"
+# Any row with that id, expired or not (import, and freeing the id of an expired session).
+LOCK_ANY_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $1 AND id = $2 FOR UPDATE"
 
 # Arguments: tenant, id, then `rows.session_values`.
 _INSERT_SESSION = """
 INSERT INTO sessions (tenant, id, user_id, document_id, section_id, title, settings, metadata,
-                      message_count, last_seq, version, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13)
+                      message_count, last_seq, version, created_at, updated_at, expires_at, pinned)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13, $14, $15)
 ON CONFLICT (tenant, id) DO NOTHING
 """
+INSERT_SESSION = _INSERT_SESSION
 # _INSERT_SESSION's arguments, then key, fingerprint, status, body, headers, ttl: the answer under
 # an Idempotency-Key commits with the session it created, in the same statement. One row (true) when
 # created, none when the id exists.
 INSERT_SESSION_ANSWERED = f"""
 WITH created AS ({_INSERT_SESSION} RETURNING true),
 answered AS (
-    INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at)
-    SELECT $1, $14, $15, $16, $17, $18::jsonb, now() + make_interval(secs => $19) FROM created
+    INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at, session_id)
+    SELECT $1, $16, $17, $18, $19, $20::jsonb, now() + make_interval(secs => $21), $2 FROM created
     ON CONFLICT (tenant, key) DO UPDATE
-    SET status = EXCLUDED.status, body = EXCLUDED.body, headers = EXCLUDED.headers, expires_at = EXCLUDED.expires_at
+    SET status = EXCLUDED.status, body = EXCLUDED.body, headers = EXCLUDED.headers, expires_at = EXCLUDED.expires_at,
+        session_id = EXCLUDED.session_id
 )
 SELECT true FROM created
 """
@@ -94,15 +110,15 @@ CREATE_BATCH = f"""
 WITH wanted AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                          $8::text[], $9::bigint[], $10::bigint[], $11::bigint[], $12::timestamptz[],
-                         $13::timestamptz[])
+                         $13::timestamptz[], $14::timestamptz[], $15::boolean[])
         WITH ORDINALITY AS w(tenant, id, user_id, document_id, section_id, title, settings, metadata,
-                             message_count, last_seq, version, created_at, updated_at, i)
+                             message_count, last_seq, version, created_at, updated_at, expires_at, pinned, i)
 ),
 created AS (
     INSERT INTO sessions (tenant, id, user_id, document_id, section_id, title, settings, metadata,
-                          message_count, last_seq, version, created_at, updated_at)
+                          message_count, last_seq, version, created_at, updated_at, expires_at, pinned)
     SELECT tenant, id, user_id, document_id, section_id, title, settings::jsonb, metadata::jsonb,
-           message_count, last_seq, version, created_at, updated_at
+           message_count, last_seq, version, created_at, updated_at, expires_at, pinned
     FROM wanted ORDER BY tenant, id
     ON CONFLICT (tenant, id) DO NOTHING
     RETURNING tenant, id
@@ -118,21 +134,58 @@ WHERE c.id IS NOT NULL OR s.id IS NOT NULL
 UPDATE_SESSION = """
 UPDATE sessions
 SET user_id = $3, document_id = $4, section_id = $5, title = $6, settings = $7::jsonb, metadata = $8::jsonb,
-    version = $9, updated_at = $10
+    expires_at = $9, pinned = $10, version = $11, updated_at = $12
 WHERE tenant = $1 AND id = $2
 """
 # Arguments: tenant, id, If-Match versions. The deleted row's version (found = true), or see the module doc.
-DELETE_SESSION = """
+# Stored answers that held the session's content go with it.
+DELETE_SESSION = f"""
 WITH deleted AS (
     DELETE FROM sessions
-    WHERE tenant = $1 AND id = $2 AND ($3::bigint[] IS NULL OR version = ANY($3::bigint[]))
+    WHERE tenant = $1 AND id = $2 AND ($3::bigint[] IS NULL OR version = ANY($3::bigint[])) AND {_ALIVE}
     RETURNING version, user_id, document_id, section_id
+),
+answers AS (
+    DELETE FROM idempotency_keys WHERE tenant = $1 AND session_id = $2 AND EXISTS (SELECT FROM deleted)
 )
 SELECT true AS found, version, user_id, document_id, section_id FROM deleted
 UNION ALL
 SELECT false, version, user_id, document_id, section_id FROM sessions
-WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM deleted)
+WHERE tenant = $1 AND id = $2 AND {_ALIVE} AND NOT EXISTS (SELECT FROM deleted)
 """
+DELETE_ANY_SESSION = "DELETE FROM sessions WHERE tenant = $1 AND id = $2"
+# Arguments: tenant, id. Deletes the session if it has expired (its id is free again); true if it did.
+DELETE_IF_EXPIRED = f"""
+WITH gone AS (DELETE FROM sessions WHERE tenant = $1 AND id = $2 AND NOT ({_ALIVE}) RETURNING id),
+answers AS (DELETE FROM idempotency_keys k WHERE k.session_id = ANY(ARRAY(SELECT id FROM gone)) AND k.tenant = $1)
+SELECT count(*) > 0 FROM gone
+"""
+# Arguments: tenant, user_id, document_id (NULL: any). Erasure: how many sessions went.
+DELETE_USER_SESSIONS = """
+WITH gone AS (
+    DELETE FROM sessions WHERE tenant = $1 AND user_id = $2 AND ($3::text IS NULL OR document_id = $3)
+    RETURNING id
+),
+answers AS (DELETE FROM idempotency_keys k WHERE k.session_id = ANY(ARRAY(SELECT id FROM gone)) AND k.tenant = $1)
+SELECT count(*) FROM gone
+"""
+# The sweeper: up to $1 expired sessions (any tenant), rows other replicas are busy with skipped;
+# messages and citations go by cascade, stored answers here. Answers how many went.
+_PURGE = """
+WITH doomed AS (
+    SELECT tenant, id FROM sessions WHERE {expired} LIMIT $1 FOR UPDATE SKIP LOCKED
+),
+gone AS (
+    DELETE FROM sessions s USING doomed d WHERE s.tenant = d.tenant AND s.id = d.id RETURNING s.tenant, s.id
+),
+answers AS (
+    DELETE FROM idempotency_keys k
+    WHERE k.session_id = ANY(ARRAY(SELECT id FROM gone)) AND (k.tenant, k.session_id) IN (SELECT tenant, id FROM gone)
+)
+SELECT count(*) FROM gone
+"""
+PURGE_BY_TIME = _PURGE.format(expired="expires_at <= now()")
+PURGE_BY_IDLE = _PURGE.format(expired=f"NOT pinned AND updated_at <= {_IDLE_CUTOFF}")
 
 # Arguments: tenant, id, count, now, If-Match versions, then `rows.message_arrays`.
 # The session's counters move and its messages go in, in one statement: seqs follow the
@@ -143,7 +196,7 @@ WITH changed AS (
     UPDATE sessions
     SET message_count = message_count + $3::bigint, last_seq = last_seq + $3::bigint, version = version + 1,
         updated_at = greatest($4::timestamptz, updated_at)
-    WHERE tenant = $1 AND id = $2 AND ($5::bigint[] IS NULL OR version = ANY($5::bigint[]))
+    WHERE tenant = $1 AND id = $2 AND ($5::bigint[] IS NULL OR version = ANY($5::bigint[])) AND {_ALIVE}
     RETURNING {SESSION_COLUMNS}
 ),
 added AS (
@@ -154,7 +207,7 @@ added AS (
 SELECT true AS found, {SESSION_COLUMNS} FROM changed
 UNION ALL
 SELECT false, {SESSION_COLUMNS} FROM sessions
-WHERE tenant = $1 AND id = $2 AND NOT EXISTS (SELECT FROM changed)
+WHERE tenant = $1 AND id = $2 AND {_ALIVE} AND NOT EXISTS (SELECT FROM changed)
 """
 
 # APPEND for many sessions at once (each at most once), in one statement: arguments tenants, ids,
@@ -172,6 +225,7 @@ WITH wanted AS (
 locked AS (
     SELECT s.tenant, s.id, w.n, w.expected, w.i
     FROM sessions s JOIN wanted w ON s.tenant = w.tenant AND s.id = w.id
+    WHERE {_S_ALIVE}
     FOR UPDATE OF s SKIP LOCKED
 ),
 changed AS (
@@ -221,9 +275,39 @@ JOIN messages m ON m.tenant = h.tenant AND m.session_id = h.session_id AND m.seq
 ORDER BY h.score DESC, h.session_id, h.seq
 """
 SEARCH_JOIN = " JOIN sessions s ON s.tenant = m.tenant AND s.id = m.session_id"
+SESSION_ALIVE = " AND " + _S_ALIVE
 
 # Both run after LOCK_SESSION, in its transaction, so no append slips in between.
 CLEAR_MESSAGES = "DELETE FROM messages WHERE tenant = $1 AND session_id = $2"
+DELETE_ANSWERS = "DELETE FROM idempotency_keys WHERE tenant = $1 AND session_id = $2"
+# Arguments: tenant, id, seq. After LOCK_SESSION; citations go by cascade.
+DELETE_MESSAGE = "DELETE FROM messages WHERE tenant = $1 AND session_id = $2 AND seq = $3 RETURNING seq"
+# Arguments: tenant, id, version, updated_at.
+MESSAGE_DELETED_COUNTERS = """
+UPDATE sessions SET message_count = message_count - 1, version = $3, updated_at = $4 WHERE tenant = $1 AND id = $2
+"""
+# Arguments: tenant, session id, then arrays of seq, created_at, updated_at and of `MESSAGE_FIELDS`:
+# an imported session's messages exactly as exported.
+IMPORT_MESSAGES = f"""
+INSERT INTO messages (tenant, session_id, seq, created_at, updated_at, {_FIELD_NAMES})
+SELECT $1, $2, m.seq, m.created_at, m.updated_at, {_FIELD_VALUES}
+FROM unnest($3::bigint[], $4::timestamptz[], $5::timestamptz[], {_unnest(6)})
+    AS m(seq, created_at, updated_at, {_FIELD_NAMES})
+"""
+# Arguments: tenant, session id, then arrays of seq, created_at, ordinal, doc_id, reference.
+IMPORT_CITATIONS = """
+INSERT INTO citations (tenant, session_id, seq, created_at, ordinal, doc_id, reference)
+SELECT $1, $2, c.seq, c.created_at, c.ordinal, c.doc_id, c.reference::jsonb
+FROM unnest($3::bigint[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[])
+    AS c(seq, created_at, ordinal, doc_id, reference)
+"""
+# Arguments: tenant, after id, limit, user_id, document_id, session_id (NULL: any). Export order: by id.
+EXPORT_SESSIONS = f"""
+SELECT {SESSION_COLUMNS} FROM sessions
+WHERE tenant = $1 AND id > $2 AND ($4::text IS NULL OR user_id = $4) AND ($5::text IS NULL OR document_id = $5)
+  AND ($6::text IS NULL OR id = $6) AND {_ALIVE}
+ORDER BY id LIMIT $3
+"""
 # Arguments: tenant, id, version, updated_at.
 CLEAR_COUNTERS = "UPDATE sessions SET message_count = 0, version = $3, updated_at = $4 WHERE tenant = $1 AND id = $2"
 
@@ -255,7 +339,7 @@ LEFT JOIN LATERAL (
         WINDOW w AS (ORDER BY seq {order})
     ) p
 ) m ON true
-WHERE s.tenant = $1 AND s.id = $2
+WHERE s.tenant = $1 AND s.id = $2 AND {_S_ALIVE}
 ORDER BY m.seq {order}
 """
 
@@ -267,7 +351,7 @@ GET_MESSAGE = f"""
 SELECT {", ".join(f"m.{column}" for column in MESSAGE_COLUMNS.split(", "))}
 FROM sessions s
 LEFT JOIN messages m ON m.tenant = s.tenant AND m.session_id = s.id AND m.seq = $3
-WHERE s.tenant = $1 AND s.id = $2
+WHERE s.tenant = $1 AND s.id = $2 AND {_S_ALIVE}
 """
 
 CLAIM_KEY = """
@@ -282,12 +366,13 @@ READ_KEY = """
 SELECT fingerprint, status, body, headers FROM idempotency_keys
 WHERE tenant = $1 AND key = $2 AND expires_at > now()
 """
-# Arguments: tenant, key, fingerprint, status, body, headers, ttl.
+# Arguments: tenant, key, fingerprint, status, body, headers, ttl, session id (whose content it may hold).
 STORE_ANSWER = """
-INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb, now() + make_interval(secs => $7))
+INSERT INTO idempotency_keys AS k (tenant, key, fingerprint, status, body, headers, expires_at, session_id)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb, now() + make_interval(secs => $7), $8)
 ON CONFLICT (tenant, key) DO UPDATE
-SET status = EXCLUDED.status, body = EXCLUDED.body, headers = EXCLUDED.headers, expires_at = EXCLUDED.expires_at
+SET status = EXCLUDED.status, body = EXCLUDED.body, headers = EXCLUDED.headers, expires_at = EXCLUDED.expires_at,
+    session_id = EXCLUDED.session_id
 """
 # Only a claim is released: an answer that committed with its change stays, even
 # when the caller saw the commit fail and now reports a 5xx.
@@ -309,6 +394,7 @@ def listing_query(
         placeholder=lambda n: f"${n}",
         moment=moment,
         tenant=tenant,
+        alive=(_ALIVE, []),
     )
 
 

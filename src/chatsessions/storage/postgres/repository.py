@@ -31,12 +31,15 @@ from chatsessions.models import (
     CitationCursor,
     CitationFilter,
     CitationListing,
+    ExportFilter,
     IdempotencyRequest,
+    ImportOutcome,
     Message,
     MessageCreate,
     MessageQuery,
     MessageStatus,
     Precondition,
+    Retention,
     Role,
     SearchFilter,
     SearchHit,
@@ -92,6 +95,9 @@ IDEMPOTENCY_PURGE_INTERVAL = 60.0
 # A change that lost a race inside its own statement (the row changed or went between the
 # statement's snapshot and its row lock) runs again; the next snapshot sees the winner.
 RACE_ATTEMPTS = 5
+# Expired sessions one purge statement deletes at most (their messages go by cascade).
+PURGE_BATCH = 100
+log = logging.getLogger("chatsessions.postgres")
 
 
 async def _keep_session_state(_conn: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -151,8 +157,13 @@ class PostgresSessionRepository:
         max_page_bytes: int = 8 * 2**20,
         max_content_bytes: int = 2**20,
         stream_idle: float = 300.0,
+        retention: Retention | None = None,
+        purge_interval: float = 60.0,
     ) -> None:
         self._pool = pool
+        self._retention = retention or Retention()
+        self._purge_interval = purge_interval
+        self._sweeper: asyncio.Task[None] | None = None
         self._max_page_bytes = max_page_bytes
         self._timeout = timeout
         self._idempotency_ttl = idempotency_ttl
@@ -191,7 +202,13 @@ class PostgresSessionRepository:
             raise StorageUnavailable("the postgres store needs CHATSESSIONS_POSTGRES_DSN")
         schema = settings.postgres_schema
         timeout = settings.postgres_timeout_seconds
-        server_settings = {"search_path": f'"{schema}"', "application_name": application_name(schema)}
+        idle = settings.retention_idle_seconds
+        server_settings = {
+            "search_path": f'"{schema}"',
+            "application_name": application_name(schema),
+            # Every query's "not expired" condition reads the idle rule from here.
+            q.IDLE_SETTING: "" if idle is None else repr(float(idle)),
+        }
         with translate_errors():
             await migrate(dsn, schema=schema, connect_timeout=timeout)
             pool = await asyncpg.create_pool(
@@ -209,9 +226,12 @@ class PostgresSessionRepository:
             idempotency_ttl=settings.idempotency_ttl_seconds,
             observer=observer,
             max_page_bytes=settings.max_page_bytes,
+            retention=Retention(idle),
+            purge_interval=settings.purge_interval_seconds,
             max_content_bytes=settings.max_content_bytes,
             stream_idle=settings.stream_idle_seconds,
         )
+        repository._sweeper = asyncio.create_task(repository._sweep(), name="chatsessions-postgres-sweeper")
         repository._stream_expiry = asyncio.create_task(repository._expire_streams(), name="chatsessions-stream-expiry")
         if sink is not None:
             follower = EventFollower(
@@ -264,7 +284,14 @@ class PostgresSessionRepository:
         return session
 
     async def _store_answer(
-        self, conn: Conn, *, tenant: str, key: str, fingerprint: str, answer: StoredResponse
+        self,
+        conn: Conn,
+        *,
+        tenant: str,
+        key: str,
+        fingerprint: str,
+        answer: StoredResponse,
+        session_id: str | None = None,
     ) -> None:
         await conn.execute(
             q.STORE_ANSWER,
@@ -275,7 +302,13 @@ class PostgresSessionRepository:
             answer.body,
             rows.dump(answer.headers),
             self._idempotency_ttl,
+            session_id,
         )
+
+    async def _free_if_expired(self, tenant: str, session_id: str) -> bool:
+        """Delete the session if it exists but has expired (its id is free again); whether it did."""
+        async with self._writing() as conn:
+            return bool(await conn.fetchval(q.DELETE_IF_EXPIRED, tenant, session_id))
 
     # --- sessions -----------------------------------------------------------
 
@@ -284,28 +317,31 @@ class PostgresSessionRepository:
     ) -> Session:
         session = common.new_session(data, now=utcnow())
         values = rows.session_values(session)
-        if idempotency is None:
-            created, _ = await self._create(tenant, session.id, values)
-        else:  # the answer commits with the session, in the same statement
-            answer = idempotency.render(session, [])
-            async with self._transaction() as conn:
-                created = await conn.fetchval(
-                    q.INSERT_SESSION_ANSWERED,
-                    tenant,
-                    session.id,
-                    *values,
-                    idempotency.key,
-                    idempotency.fingerprint,
-                    answer.status,
-                    answer.body,
-                    rows.dump(answer.headers),
-                    self._idempotency_ttl,
-                )
-                if created:
-                    await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CREATED)])
-        if not created:
-            raise SessionExists(session.id)
-        return session
+        for _ in range(2):  # a second time only after freeing the id of an expired session
+            if idempotency is None:
+                created, _ = await self._create(tenant, session.id, values)
+            else:  # the answer commits with the session, in the same statement
+                answer = idempotency.render(session, [])
+                async with self._transaction() as conn:
+                    created = await conn.fetchval(
+                        q.INSERT_SESSION_ANSWERED,
+                        tenant,
+                        session.id,
+                        *values,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        answer.status,
+                        answer.body,
+                        rows.dump(answer.headers),
+                        self._idempotency_ttl,
+                    )
+                    if created:
+                        await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CREATED)])
+            if created:
+                return session
+            if not await self._free_if_expired(tenant, session.id):
+                break
+        raise SessionExists(session.id)
 
     async def get_or_create_session(self, tenant: str, session_id: str, data: SessionCreate) -> tuple[Session, bool]:
         session = common.new_session(data, session_id=session_id, now=utcnow())
@@ -317,7 +353,10 @@ class PostgresSessionRepository:
             if created:
                 return session, True
             if row is not None:
-                return rows.session_from(row), False
+                existing = rows.session_from(row)
+                if not self._retention.expired(existing, utcnow()):
+                    return existing, False
+                await self._free_if_expired(tenant, session_id)
         raise StorageUnavailable(f"session {session_id!r} is being created and deleted too fast; retry")
 
     async def _create(
@@ -492,6 +531,7 @@ class PostgresSessionRepository:
                 key=idempotency.key,
                 fingerprint=idempotency.fingerprint,
                 answer=idempotency.render(*result),
+                session_id=session_id,
             )
         await record_events(conn, [ev.messages_event(tenant, session, added)])
 
@@ -536,11 +576,87 @@ class PostgresSessionRepository:
         async with self._transaction() as conn:
             current = await self._lock(conn, tenant, session_id, if_match)
             await conn.execute(q.CLEAR_MESSAGES, tenant, session_id)
+            await conn.execute(q.DELETE_ANSWERS, tenant, session_id)
             session = common.after_clear(current, now=common.change_time(current))
             await conn.execute(q.CLEAR_COUNTERS, tenant, session_id, session.version, session.updated_at)
             await forget_session_events(conn, tenant, session_id)
             await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CLEARED)])
         return session
+
+    async def delete_message(
+        self, tenant: str, session_id: str, seq: int, *, if_match: Precondition | None = None
+    ) -> Session:
+        async with self._transaction() as conn:
+            current = await self._lock(conn, tenant, session_id, if_match)
+            wanted = seq if 0 < seq <= common.MAX_SEQ else 0
+            if await conn.fetchval(q.DELETE_MESSAGE, tenant, session_id, wanted) is None:
+                raise MessageNotFound(session_id, seq)
+            session = common.after_message_deleted(current, now=common.change_time(current))
+            await conn.execute(q.MESSAGE_DELETED_COUNTERS, tenant, session_id, session.version, session.updated_at)
+            await conn.execute(q.DELETE_ANSWERS, tenant, session_id)
+        return session
+
+    async def delete_sessions(self, tenant: str, *, user_id: str, document_id: str | None = None) -> int:
+        async with self._writing() as conn:
+            deleted: int = await conn.fetchval(q.DELETE_USER_SESSIONS, tenant, user_id, document_id)
+        return deleted
+
+    # --- export, import, purge -------------------------------------------------------
+
+    async def export_sessions(
+        self, tenant: str, *, filters: ExportFilter, after: str | None, limit: int
+    ) -> list[Session]:
+        async with self._connection() as conn:
+            found = await conn.fetch(
+                q.EXPORT_SESSIONS, tenant, after or "", limit, filters.user_id, filters.document_id, filters.session_id
+            )
+        return [rows.session_from(row) for row in found]
+
+    async def import_session(
+        self, tenant: str, session: Session, messages: list[Message], *, replace: bool
+    ) -> ImportOutcome:
+        outcome = ImportOutcome.created
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(q.LOCK_ANY_SESSION, tenant, session.id)
+            if row is not None:
+                if not self._retention.expired(rows.session_from(row), utcnow()):
+                    if not replace:
+                        return ImportOutcome.skipped
+                    outcome = ImportOutcome.replaced
+                # Like a delete followed by an import: messages and citations go by cascade.
+                await conn.execute(q.DELETE_ANSWERS, tenant, session.id)
+                await conn.execute(q.DELETE_ANY_SESSION, tenant, session.id)
+            await conn.execute(q.INSERT_SESSION, tenant, session.id, *rows.session_values(session))
+            if messages:
+                await conn.execute(q.IMPORT_MESSAGES, tenant, session.id, *rows.imported_arrays(tenant, messages))
+                await conn.execute(q.IMPORT_CITATIONS, tenant, session.id, *rows.imported_citations(messages))
+        return outcome
+
+    async def purge(self) -> int:
+        """Delete expired sessions in batches (rows another replica holds are skipped) and expired keys.
+
+        PostgreSQL erases by DELETE: the rows are gone from every query at once; VACUUM
+        reclaims their space later.
+        """
+        purged = 0
+        for statement in (q.PURGE_BY_TIME, q.PURGE_BY_IDLE):
+            while True:
+                async with self._writing() as conn:
+                    count: int = await conn.fetchval(statement, PURGE_BATCH)
+                purged += count
+                if count < PURGE_BATCH:
+                    break
+        async with self._writing() as conn:
+            await conn.execute(q.PURGE_KEYS)
+        return purged
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._purge_interval)
+            try:
+                await self.purge()
+            except Exception:
+                log.warning("the purge of expired sessions failed; will retry", exc_info=True)
 
     # --- search and citations ----------------------------------------------------
 
@@ -550,16 +666,16 @@ class PostgresSessionRepository:
         tsquery = tsquery_literal(tenant, filters.role.value if filters.role else None, query)
         # The scoped words already keep to the tenant; the column check makes it exact.
         args: list[Any] = [tsquery, limit + 1, offset, tenant]
-        clauses = " AND m.tenant = $4"
-        for column, value in (
-            ("user_id", filters.user_id),
-            ("document_id", filters.document_id),
-            ("section_id", filters.section_id),
-        ):
-            if value is not None:
-                args.append(value)
-                clauses += f" AND s.{column} = ${len(args)}"
-        sql = q.SEARCH.format(join=q.SEARCH_JOIN if len(args) > 4 else "", filters=clauses)
+        on_session = common.equalities(
+            args,
+            lambda n: f"${n}",
+            "s.{}".format,
+            user_id=filters.user_id,
+            document_id=filters.document_id,
+            section_id=filters.section_id,
+        )
+        clauses = "".join(f" AND {c}" for c in ["m.tenant = $4", *on_session])
+        sql = q.SEARCH.format(join=q.SEARCH_JOIN, filters=clauses + q.SESSION_ALIVE)
         async with self._connection() as conn:
             found = await conn.fetch(sql, *args)
         hits = [
@@ -585,6 +701,7 @@ class PostgresSessionRepository:
             cursor=cursor,
             placeholder=lambda n: f"${n}",
             moment=rows.moment,
+            alive=(q.SESSION_ALIVE.removeprefix(" AND "), []),
         )
         async with self._connection() as conn:
             found = await conn.fetch(sql, *args)
@@ -778,6 +895,11 @@ class PostgresSessionRepository:
         if self._follower is not None:
             await self._follower.aclose()
             self._follower = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self._appends.aclose()
         await self._creates.aclose()
         try:

@@ -49,6 +49,8 @@ def session_from(row: asyncpg.Record) -> Session:
             "version": row["version"],
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
+            "expires_at": row["expires_at"],
+            "pinned": row["pinned"],
         }
     )
 
@@ -87,6 +89,8 @@ def session_values(session: Session) -> tuple[Any, ...]:
         session.version,
         session.created_at,
         session.updated_at,
+        session.expires_at,
+        session.pinned,
     )
 
 
@@ -99,6 +103,8 @@ def session_links(session: Session) -> tuple[Any, ...]:
         session.title,
         dump(session.settings.model_dump(mode="json")),
         dump(session.metadata),
+        session.expires_at,
+        session.pinned,
     )
 
 
@@ -121,7 +127,7 @@ def storable(values: Iterable[Any]) -> bool:
     return True
 
 
-def message_arrays(tenant: str, messages: list[MessageCreate]) -> tuple[list[Any], ...]:
+def message_arrays(tenant: str, messages: Sequence[MessageCreate | Message]) -> tuple[list[Any], ...]:
     """The message arrays of `queries.APPEND`, one per `queries.MESSAGE_FIELDS`."""
     raw = [_raw_content(m.content) if isinstance(m.content, str) else None for m in messages]
     return (
@@ -140,11 +146,31 @@ def message_arrays(tenant: str, messages: list[MessageCreate]) -> tuple[list[Any
     )
 
 
+def imported_arrays(tenant: str, messages: list[Message]) -> tuple[list[Any], ...]:
+    """The arrays of `queries.IMPORT_MESSAGES` after (tenant, session id): seq, times, then `message_arrays`."""
+    return (
+        [m.seq for m in messages],
+        [m.created_at for m in messages],
+        [m.updated_at for m in messages],
+        *message_arrays(tenant, messages),
+    )
+
+
+def imported_citations(messages: list[Message]) -> tuple[list[Any], ...]:
+    """The arrays of `queries.IMPORT_CITATIONS` after (tenant, session id)."""
+    found = [
+        (m.seq, m.created_at, ordinal, doc_id, dump(ref))
+        for m in messages
+        for ordinal, doc_id, ref in cited_doc_ids(m.references)
+    ]
+    return tuple(list(column) for column in zip(*found, strict=True)) if found else ([], [], [], [], [])
+
+
 def _dump_models(models: Sequence[BaseModel] | None) -> str | None:
     return None if models is None else dump([model.model_dump(mode="json") for model in models])
 
 
-def _words(tenant: str, message: MessageCreate) -> str | None:
+def _words(tenant: str, message: MessageCreate | Message) -> str | None:
     if message.status.value == "in_progress":
         return None  # a streamed message is indexed once it completes
     found = scoped_words(tenant, message.role.value, content_text(message.content))

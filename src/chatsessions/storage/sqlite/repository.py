@@ -37,13 +37,16 @@ from chatsessions.models import (
     CitationCursor,
     CitationFilter,
     CitationListing,
+    ExportFilter,
     IdempotencyRequest,
+    ImportOutcome,
     Message,
     MessageCreate,
     MessageQuery,
     MessageStatus,
     Order,
     Precondition,
+    Retention,
     SearchFilter,
     SearchHit,
     SearchResult,
@@ -59,14 +62,17 @@ from chatsessions.models import (
 )
 from chatsessions.storage.base import NullObserver, StoreObserver
 from chatsessions.storage.common import (
+    MAX_SEQ,
     after_append,
     after_clear,
+    after_message_deleted,
     change_time,
     check_message_ids,
     check_precondition,
     citation_listing,
     citations_sql,
     cited_doc_ids,
+    equalities,
     from_us,
     listing_page,
     listing_sql,
@@ -96,15 +102,15 @@ class _StillActive(Exception):
     """A streamed message changed since the idle timeout found it: it stays in_progress."""
 
 
-def _session_clauses(alias: str, **equal: str | None) -> tuple[str, list[Any]]:
-    """` AND <alias>.<column> = ?` for each given filter, and the arguments."""
-    given = [(column, value) for column, value in equal.items() if value is not None]
-    return "".join(f" AND {alias}.{column} = ?" for column, _ in given), [value for _, value in given]
-
-
 READER_THREADS = 4
-PURGE_INTERVAL_SECONDS = 60.0
-PURGE_BATCH = 500  # rows a purge transaction deletes at most: it never holds the writer long
+PURGE_BATCH = 500  # expired Idempotency-Key rows a purge transaction deletes at most
+# Rows (messages with their words and citations) one sweeper transaction deletes at most: each
+# holds the writer only a few milliseconds, so appends queued behind it barely wait.
+PURGE_ROWS = 50
+MERGE_PAGES = 16  # full-text leaf pages one merge step writes
+MERGE_STEPS = 256  # merge steps one purge takes at most (about 4,000 pages of the index)
+PURGE_SESSIONS = 64  # expired sessions one purge transaction looks at
+ERASE_BATCH = 100  # sessions one transaction of a bulk erasure deletes
 
 
 class SqliteSessionRepository:
@@ -130,6 +136,11 @@ class SqliteSessionRepository:
         self._stream_idle_us = int(settings.stream_idle_seconds * 1e6)
         self._stream_check_seconds = max(0.05, min(settings.stream_idle_seconds / 2, 5.0))
         self._stream_expiry: asyncio.Task[None] | None = None
+        self._retention = Retention(settings.retention_idle_seconds)
+        self._purge_interval = settings.purge_interval_seconds
+        # Set (by the writer thread) when a change deleted content: the next purge checkpoints
+        # the WAL with TRUNCATE, so the deleted bytes leave every file of the data directory.
+        self._erased = False
         self._claims: dict[HeadKey, str] = {}  # (tenant, key) -> fingerprint, while the first request runs
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -180,18 +191,48 @@ class SqliteSessionRepository:
 
     # --- helpers ------------------------------------------------------------
 
-    @staticmethod
-    def _head(tx: Tx, key: HeadKey, if_match: Precondition | None = None) -> Head:
-        """The session's head (cached, or read with the writer's connection); SessionNotFound."""
+    def _alive_args(self) -> tuple[int, int]:
+        """The arguments of `rows.ALIVE`: now, and the idle cutoff."""
+        now = utcnow()
+        cutoff = self._retention.idle_cutoff(now)
+        return to_us(now), rows.NO_CUTOFF if cutoff is None else to_us(cutoff)
+
+    def _any_head(self, tx: Tx, key: HeadKey) -> Head | None:
+        """The session's head, expired or not (cached, or read with the writer's connection)."""
         head = tx.heads.get(key)
         if head is None:
             row = next(tx.conn.execute(rows.SELECT_SESSION, key), None)
             if row is None:
-                raise SessionNotFound(key[1])
+                return None
             head = rows.head_from(row)
             tx.heads.put(key, head)
+        return head
+
+    def _head(self, tx: Tx, key: HeadKey, if_match: Precondition | None = None) -> Head:
+        """The live session's head; SessionNotFound when missing or expired, PreconditionFailed."""
+        head = self._any_head(tx, key)
+        if head is None or self._retention.expired(head.session, utcnow()):
+            raise SessionNotFound(key[1])
         check_precondition(key[1], head.session.version, if_match)
         return head
+
+    def _clear_expired(self, tx: Tx, key: HeadKey) -> None:
+        """Purge the session now if it exists but has expired, so its id is free again."""
+        head = self._any_head(tx, key)
+        if head is not None and self._retention.expired(head.session, utcnow()):
+            self._remove_session(tx, key, head.pk, expired=True)
+
+    def _remove_session(self, tx: Tx, key: HeadKey, pk: int, *, expired: bool) -> None:
+        """Delete a session with everything that held its content, in the caller's transaction.
+
+        The one place where a session's deletion is recorded (deleted, erased, expired or
+        replaced by an import): a change feed hooks its `session.deleted` event in here.
+        """
+        self._delete_messages(tx.conn, pk)
+        tx.conn.execute(rows.DELETE_ANSWERS, (pk,))
+        tx.conn.execute(rows.DELETE_SESSION, (pk,))
+        tx.drop_head(key)
+        self._erased = True
 
     def _store_answer(
         self, tx: Tx, tenant: str, idempotency: IdempotencyRequest | None, head: Head, messages: list[Message]
@@ -230,13 +271,14 @@ class SqliteSessionRepository:
             citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
             conn.execute(rows.INSERT_CITATION, citation)
 
-    @staticmethod
-    def _delete_messages(conn: apsw.Connection, pk: int) -> None:
-        """Delete a session's messages, their words and their citations."""
+    def _delete_messages(self, conn: apsw.Connection, pk: int) -> None:
+        """Delete a session's messages, their words, their citations, and the answers that held them."""
         conn.execute(rows.UNINDEX_SESSION, (pk,))
         conn.execute(rows.DELETE_CITATIONS, (pk,))
         streams.drop_streams(conn, pk)
         conn.execute(rows.DELETE_MESSAGES, (pk,))
+        conn.execute(rows.DELETE_ANSWERS, (pk,))
+        self._erased = True
 
     async def _write(self, change: Any, *, idempotency: IdempotencyRequest | None = None, tenant: str = "") -> Any:
         """Submit a change; a key claimed for it is released once its answer committed with it.
@@ -256,6 +298,7 @@ class SqliteSessionRepository:
         session = new_session(data, now=utcnow())
 
         def change(tx: Tx) -> Session:
+            self._clear_expired(tx, (tenant, session.id))
             values = rows.session_values(tenant, session)
             row = next(tx.conn.execute(rows.INSERT_SESSION, values), None)
             if row is None:
@@ -275,6 +318,7 @@ class SqliteSessionRepository:
         def change(tx: Tx) -> tuple[Session, bool]:
             with contextlib.suppress(SessionNotFound):
                 return self._head(tx, key).session, False
+            self._clear_expired(tx, key)
             session = new_session(data, session_id=session_id, now=utcnow())
             values = rows.session_values(tenant, session)
             (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
@@ -286,8 +330,10 @@ class SqliteSessionRepository:
         return result
 
     async def get_session(self, tenant: str, session_id: str) -> Session | None:
+        alive = self._alive_args()
+
         def read(conn: apsw.Connection) -> Session | None:
-            row = next(conn.execute(rows.SELECT_SESSION, (tenant, session_id)), None)
+            row = next(conn.execute(rows.SELECT_LIVE_SESSION, (tenant, session_id, *alive)), None)
             return None if row is None else rows.head_from(row).session
 
         return await self._readers.run(read)
@@ -303,6 +349,7 @@ class SqliteSessionRepository:
             placeholder=lambda n: f"?{n}",
             moment=to_us,
             tenant=tenant,
+            alive=(rows.ALIVE.format(p="").replace("?", "{}"), list(self._alive_args())),
         )
 
         def read(conn: apsw.Connection) -> list[Session]:
@@ -333,13 +380,29 @@ class SqliteSessionRepository:
 
         def change(tx: Tx) -> None:
             head = self._head(tx, key, if_match)
-            self._delete_messages(tx.conn, head.pk)
-            tx.conn.execute(rows.DELETE_SESSION, (head.pk,))
-            tx.drop_head(key)
+            self._remove_session(tx, key, head.pk, expired=False)
             forget_session(tx, tenant, session_id)
             record_event(tx, ev.deleted_event(tenant, head.session))
 
         await self._write(change)
+
+    async def delete_sessions(self, tenant: str, *, user_id: str, document_id: str | None = None) -> int:
+        clauses, extra = ("", ()) if document_id is None else (" AND document_id = ?", (document_id,))
+        sql = rows.USER_SESSIONS.format(filters=clauses)
+
+        def change(tx: Tx) -> int:
+            found = list(tx.conn.execute(sql, (tenant, user_id, *extra, ERASE_BATCH)))
+            for pk, sid in found:
+                self._remove_session(tx, (tenant, sid), pk, expired=False)
+            return len(found)
+
+        # Batches of sessions, one transaction each: appends to other sessions keep flowing.
+        deleted = 0
+        while True:
+            count: int = await self._write(change)
+            deleted += count
+            if count < ERASE_BATCH:
+                return deleted
 
     # --- messages -------------------------------------------------------------
 
@@ -382,9 +445,10 @@ class SqliteSessionRepository:
         after, before = seq_bounds(query)
         ascending = query.order is Order.asc
         limit, max_bytes = query.limit, self._max_page_bytes
+        alive = self._alive_args()
 
         def read(conn: apsw.Connection) -> tuple[list[Message], bool]:
-            found = next(conn.execute(rows.SELECT_SESSION_PK, (tenant, session_id)), None)
+            found = next(conn.execute(rows.SELECT_SESSION_PK, (tenant, session_id, *alive)), None)
             if found is None:
                 raise SessionNotFound(session_id)
             (pk,) = found
@@ -406,8 +470,10 @@ class SqliteSessionRepository:
         return await self._readers.run(read)
 
     async def get_message(self, tenant: str, session_id: str, seq: int) -> Message:
+        alive = self._alive_args()
+
         def read(conn: apsw.Connection) -> Message:
-            found = next(conn.execute(rows.SELECT_SESSION_PK, (tenant, session_id)), None)
+            found = next(conn.execute(rows.SELECT_SESSION_PK, (tenant, session_id, *alive)), None)
             if found is None:
                 raise SessionNotFound(session_id)
             if not 0 < seq < 2**63:
@@ -435,21 +501,53 @@ class SqliteSessionRepository:
         result: Session = await self._write(change)
         return result
 
+    async def delete_message(
+        self, tenant: str, session_id: str, seq: int, *, if_match: Precondition | None = None
+    ) -> Session:
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> Session:
+            head = self._head(tx, key, if_match)
+            found = next(tx.conn.execute(rows.DELETE_MESSAGE, (head.pk, seq)), None) if 0 < seq < 2**63 else None
+            if found is None:
+                raise MessageNotFound(session_id, seq)
+            tx.conn.execute(rows.UNINDEX_MESSAGE, found)
+            tx.conn.execute(rows.DELETE_MESSAGE_CITATIONS, (head.pk, seq))
+            tx.conn.execute(rows.DELETE_ANSWERS, (head.pk,))
+            self._erased = True
+            session = after_message_deleted(head.session, now=change_time(head.session))
+            tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
+            tx.put_head(key, head.moved(session))
+            return session
+
+        result: Session = await self._write(change)
+        return result
+
     # --- search and citations ----------------------------------------------------
 
     async def search(
         self, tenant: str, query: SearchQuery, *, filters: SearchFilter, limit: int, offset: int
     ) -> SearchResult:
         expression = match_expression(tenant, filters.role.value if filters.role else None, query)
-        clauses, args = _session_clauses(
-            "s", user_id=filters.user_id, document_id=filters.document_id, section_id=filters.section_id
+        args: list[Any] = [expression, limit + 1, offset]
+        on_session = equalities(
+            args,
+            lambda n: f"?{n}",
+            "s.{}".format,
+            user_id=filters.user_id,
+            document_id=filters.document_id,
+            section_id=filters.section_id,
         )
-        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN if clauses else "", filters=clauses)
-        parameters = (expression, *args, limit + 1, offset)
+        # Only live sessions' messages: the session's "not expired" condition, its arguments numbered on.
+        alive = [f"?{len(args) + 1 + i}" for i in range(2)]
+        args += self._alive_args()
+        on_session.append(rows.ALIVE.format(p="s.").replace("?", "{}").format(*alive))
+        clauses = "".join(f" AND {c}" for c in on_session)
+        sql = rows.SEARCH.format(join=rows.SEARCH_JOIN, filters=clauses)
 
         def read(conn: apsw.Connection) -> list[SearchHit]:
             hits = []
-            for sid, seq, body in conn.execute(sql, parameters):
+            for sid, seq, body in conn.execute(sql, args):
                 message = rows.message_from(body)
                 text = content_text(message.content)
                 hits.append(
@@ -477,6 +575,7 @@ class SqliteSessionRepository:
             cursor=cursor,
             placeholder=lambda n: f"?{n}",
             moment=to_us,
+            alive=(rows.ALIVE.format(p="s.").replace("?", "{}"), list(self._alive_args())),
         )
 
         def read(conn: apsw.Connection) -> list[tuple[Citation, int]]:
@@ -673,16 +772,133 @@ class SqliteSessionRepository:
     # --- lifecycle ----------------------------------------------------------------
 
     async def _maintain(self) -> None:
-        """Purge expired Idempotency-Keys, a small batch a transaction, every interval."""
+        """The sweeper: every purge interval, `purge()`."""
         while True:
-            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+            await asyncio.sleep(self._purge_interval)
             try:
-                while await self.purge_expired_answers() == PURGE_BATCH:
-                    pass
+                await self.purge()
                 while await self.prune_events() == PURGE_BATCH:
                     pass
             except Exception:
-                log.warning("purging expired Idempotency-Keys or events failed; will retry", exc_info=True)
+                log.warning("the purge of expired data failed; will retry", exc_info=True)
+
+    async def purge(self) -> int:
+        """Purge expired sessions and Idempotency-Keys, then erase deleted bytes from the files.
+
+        Each transaction deletes at most `PURGE_ROWS` messages, so appends keep flowing between
+        them. An expired session is already invisible; a crash mid-purge leaves it invisible
+        and the next purge goes on. Last, when anything was deleted since the previous purge,
+        the WAL is checkpointed with TRUNCATE (with `secure_delete`, the database file holds
+        zeros where deleted content was; after the truncation, no old WAL frame holds it).
+
+        Returns:
+            How many sessions were purged.
+        """
+        purged = 0
+        while True:
+            sessions, rows_deleted = await self._writer.submit(self._purge_batch)
+            purged += sessions
+            if rows_deleted == 0:
+                break
+        while await self.purge_expired_answers() == PURGE_BATCH:
+            pass
+        if self._erased and not self._location.in_memory:
+            self._erased = False
+            # FTS5 keeps a deleted word's term in its segments (secure-delete drops its
+            # postings, not always the term): merging the segments drops it. A pass over the
+            # full-text index, once per purge interval that followed a deletion, in small steps.
+            # Bounded: under a steady stream of appends (each adds a small segment) there is always
+            # a little more to merge; what is left waits for the next purge.
+            steps = 0
+            while await self._writer.submit(self._merge_words_step):
+                steps += 1
+                if steps >= MERGE_STEPS:
+                    break
+            busy, *_ = await self._writer.submit_outside(self._checkpoint)
+            if busy or steps >= MERGE_STEPS:  # a reader held an old snapshot, or merging was cut short
+                self._erased = True  # the next purge goes on
+        return purged
+
+    @staticmethod
+    def _merge_words_step(tx: Tx) -> bool:
+        """Merge a few pages of full-text segments; whether there was work (FTS5: 2+ changes)."""
+        before = tx.conn.total_changes()
+        tx.conn.execute(rows.MERGE_WORDS, (-MERGE_PAGES,))
+        return tx.conn.total_changes() - before >= 2
+
+    @staticmethod
+    def _checkpoint(conn: apsw.Connection) -> tuple[int, ...]:
+        return tuple(next(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")))
+
+    def _purge_batch(self, tx: Tx) -> tuple[int, int]:
+        """One purge transaction: (sessions removed, rows deleted), at most about `PURGE_BATCH` rows."""
+        now, cutoff = self._alive_args()
+        expired = list(tx.conn.execute(rows.EXPIRED_BY_TIME, (now, PURGE_SESSIONS)))
+        if cutoff != rows.NO_CUTOFF:
+            expired += tx.conn.execute(rows.EXPIRED_BY_IDLE, (cutoff, PURGE_SESSIONS))
+        budget = PURGE_ROWS
+        sessions = deleted = 0
+        done: set[int] = set()
+        for pk, tenant, sid in expired:
+            if pk in done:
+                continue
+            done.add(pk)
+            end = next(tx.conn.execute(rows.CHUNK_END, (pk, budget)), None)
+            upto = MAX_SEQ if end is None else end[0]
+            tx.conn.execute(rows.UNINDEX_CHUNK, (pk, upto))
+            tx.conn.execute(rows.DELETE_CITATIONS_CHUNK, (pk, upto))
+            tx.conn.execute(rows.DELETE_MESSAGES_CHUNK, (pk, upto))
+            chunk = tx.conn.changes()
+            deleted += chunk + 1
+            budget -= chunk
+            self._erased = True
+            if end is not None:  # the session has more messages: the next transaction goes on
+                break
+            self._remove_session(tx, (tenant, sid), pk, expired=True)
+            sessions += 1
+            if budget <= 0:
+                break
+        return sessions, deleted
+
+    # --- export and import ------------------------------------------------------
+
+    async def export_sessions(
+        self, tenant: str, *, filters: ExportFilter, after: str | None, limit: int
+    ) -> list[Session]:
+        args: list[Any] = []
+        found = equalities(
+            args, lambda _: "?", str, user_id=filters.user_id, document_id=filters.document_id, id=filters.session_id
+        )
+        sql = rows.EXPORT_SESSIONS.format(filters="".join(f" AND {c}" for c in found))
+        parameters = (tenant, after or "", *args, *self._alive_args(), limit)
+
+        def read(conn: apsw.Connection) -> list[Session]:
+            return [rows.head_from(row).session for row in conn.execute(sql, parameters)]
+
+        return await self._readers.run(read)
+
+    async def import_session(
+        self, tenant: str, session: Session, messages: list[Message], *, replace: bool
+    ) -> ImportOutcome:
+        key = (tenant, session.id)
+        values = rows.session_values(tenant, session)
+
+        def change(tx: Tx) -> ImportOutcome:
+            outcome = ImportOutcome.created
+            self._clear_expired(tx, key)
+            head = self._any_head(tx, key)
+            if head is not None:
+                if not replace:
+                    return ImportOutcome.skipped
+                self._remove_session(tx, key, head.pk, expired=False)
+                outcome = ImportOutcome.replaced
+            (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
+            self._insert_messages(tx.conn, tenant, session.id, pk, messages)
+            tx.put_head(key, Head(pk, session, rows.head_size(*values[5:8])))
+            return outcome
+
+        result: ImportOutcome = await self._write(change)
+        return result
 
     async def purge_expired_answers(self) -> int:
         """Delete up to PURGE_BATCH expired Idempotency-Key answers; return how many."""

@@ -116,6 +116,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN client_id TEXT;
     CREATE UNIQUE INDEX messages_by_client_id ON messages (session_pk, client_id) WHERE client_id IS NOT NULL;
     """,
+    # 4 (issue 13): retention (expires_at, pinned) and erasure.
+    """
+    ALTER TABLE sessions ADD COLUMN expires_at INTEGER;  -- microseconds since 1970-01-01 UTC; NULL: never
+    ALTER TABLE sessions ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
+    -- The sweeper finds expired sessions through these, without a scan.
+    CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE INDEX sessions_idle ON sessions (updated_at) WHERE pinned = 0;
+    -- A deleted message's words leave the full-text index at once (no tombstone keeps them).
+    INSERT INTO message_words (message_words, rank) VALUES ('secure-delete', 1);
+    """,
     # 5 (issue 12): change events, written in the transaction of the change they describe,
     # and the streamed messages' idle clock.
     # AUTOINCREMENT: an id is never reused, and sqlite_sequence keeps the highest one ever

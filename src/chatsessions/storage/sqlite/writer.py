@@ -128,6 +128,7 @@ Change = Callable[[Tx], T]
 class _Job(Generic[T]):
     change: Change[T]
     future: asyncio.Future[T]
+    outside: bool = False  # run on the bare connection, between transactions (a checkpoint)
 
 
 def translate(exc: apsw.Error, *, failed: Callable[[], None]) -> Exception:
@@ -181,6 +182,13 @@ class Writer:
         self._queue.put(_Job(change, future))
         return future
 
+    def submit_outside(self, work: Callable[[apsw.Connection], T]) -> asyncio.Future[T]:
+        """Queue work that must run outside any transaction (a WAL checkpoint), alone, in queue order."""
+        assert self._loop is not None, "the writer is not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Job(lambda tx: work(tx.conn), future, outside=True))
+        return future
+
     async def stop(self) -> None:
         """Commit what is queued, then close the connection and end the thread."""
         if self._thread is None:
@@ -217,12 +225,14 @@ class Writer:
 
     def _serve(self, conn: apsw.Connection) -> None:
         stopping = False
+        held: _Job[Any] | None = None  # work outside a transaction met while gathering a batch
         while not stopping:
-            first = self._queue.get()
+            first = held if held is not None else self._queue.get()
+            held = None
             if first is None:
                 break
             batch: list[_Job[Any]] = [first]
-            while len(batch) < MAX_BATCH:
+            while len(batch) < MAX_BATCH and not first.outside:
                 try:
                     job = self._queue.get_nowait()
                 except queue.Empty:
@@ -230,9 +240,16 @@ class Writer:
                 if job is None:
                     stopping = True
                     break
+                if job.outside:
+                    held = job
+                    break
                 batch.append(job)
             self._observer.queue_depth(self._queue.qsize())
-            outcomes, events = self._commit(conn, batch)
+            events: list[Any] = []
+            if first.outside:
+                outcomes = self._outside(conn, first)
+            else:
+                outcomes, events = self._commit(conn, batch)
             loop = self._loop
             assert loop is not None
             try:
@@ -271,6 +288,14 @@ class Writer:
             tx.events.clear()
         self._observer.commit(changes=len(batch), seconds=time.perf_counter() - started)
         return outcomes, tx.events
+
+    def _outside(self, conn: apsw.Connection, job: _Job[Any]) -> list[tuple[bool, Any]]:
+        try:
+            return [(True, job.change(Tx(conn, self._heads)))]
+        except apsw.Error as exc:
+            return [(False, translate(exc, failed=self._mark_failed))]
+        except Exception as exc:
+            return [(False, exc)]
 
     def _run_one(self, tx: Tx, job: _Job[Any]) -> tuple[bool, Any]:
         conn = tx.conn

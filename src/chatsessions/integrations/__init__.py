@@ -1,0 +1,1 @@
+"""Adapters for LLM frameworks, each an optional extra: `langchain` (LangChain), `llamaindex` (LlamaIndex)."""
