@@ -170,3 +170,15 @@ async def test_events_older_than_the_retention_are_pruned(tmp_path: Path) -> Non
         assert tenant.head == 2
     finally:
         await repo.aclose()
+
+
+async def test_a_message_deletion_records_its_event(store: Store) -> None:
+    repo = store.repository
+    await repo.create_session(T, SessionCreate(id="s1"))
+    await repo.append_messages(T, "s1", [user("a"), user("b")])
+    session = await repo.delete_message(T, "s1", 1)
+    found = await replay(store, "s1", after=2)
+    assert found.replayable
+    assert [(e.type, e.version, json.loads(e.data)["seq"]) for e in found.events] == [
+        (ev.MESSAGE_DELETED, session.version, 1)
+    ]

@@ -594,6 +594,7 @@ class PostgresSessionRepository:
             session = common.after_message_deleted(current, now=common.change_time(current))
             await conn.execute(q.MESSAGE_DELETED_COUNTERS, tenant, session_id, session.version, session.updated_at)
             await conn.execute(q.DELETE_ANSWERS, tenant, session_id)
+            await record_events(conn, [ev.message_deleted_event(tenant, session, seq)])
         return session
 
     async def delete_sessions(self, tenant: str, *, user_id: str, document_id: str | None = None) -> int:

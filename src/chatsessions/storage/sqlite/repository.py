@@ -518,6 +518,8 @@ class SqliteSessionRepository:
             session = after_message_deleted(head.session, now=change_time(head.session))
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             tx.put_head(key, head.moved(session))
+            tx.conn.execute(streams.END_STREAM, (head.pk, seq))
+            record_event(tx, ev.message_deleted_event(tenant, session, seq))
             return session
 
         result: Session = await self._write(change)
