@@ -73,6 +73,17 @@ class Settings(BaseSettings):
     )
     max_page_sessions: int = Field(100, ge=1, description="Largest `limit` of a session listing.")
     idempotency_ttl_seconds: float = Field(86_400.0, ge=1, description="How long Idempotency-Keys are kept.")
+    events_retention_seconds: float = Field(
+        86_400.0, gt=0, description="How long change events stay replayable (Last-Event-ID); reset beyond."
+    )
+    events_heartbeat_seconds: float = Field(15.0, gt=0, description="Seconds between heartbeat comments of a feed.")
+    events_buffer: int = Field(
+        1000, ge=1, description="Events buffered for one feed subscriber; a subscriber past it is disconnected."
+    )
+    events_max_subscribers: int = Field(10_000, ge=1, description="Most open event streams; 503 beyond.")
+    stream_idle_seconds: float = Field(
+        300.0, gt=0, description="A streamed message without a change for this long becomes incomplete."
+    )
     retention_idle_seconds: float | None = Field(
         None, gt=0, description="A session not pinned and unchanged this long is expired; unset: never."
     )

@@ -11,6 +11,8 @@ ChatSessionsError
 │   └── IdempotencyKeyReused    422  same key, different request
 ├── InvalidInput             422  a value the schema cannot express (limits, depth)
 ├── StorageFull              507  the disk is full; nothing was written
+├── TooManyStreams           503  every event-stream slot is taken
+├── MessageNotInProgress     409  a delta or PATCH to a message that is no longer streaming
 └── StorageUnavailable       503  cannot read or write now
     ├── StorageCorrupted     503  a log failed its checksum in the middle
     ├── StorageFailed        503  an fsync failed; writes stop until restart
@@ -109,3 +111,15 @@ class StorageIncompatible(StorageUnavailable):
 
 class StorageLocked(StorageUnavailable):
     pass
+
+
+class TooManyStreams(ChatSessionsError):
+    """Every event-stream slot of this process is taken (503 with Retry-After)."""
+
+
+class MessageNotInProgress(ChatSessionsError):
+    """A delta or a PATCH to a message that is not streaming (409 message-not-in-progress)."""
+
+    def __init__(self, session_id: str, seq: int, status: str) -> None:
+        super().__init__(f"message {seq} of session {session_id!r} is {status}, not in_progress: it cannot change")
+        self.seq = seq

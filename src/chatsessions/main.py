@@ -17,7 +17,9 @@ from chatsessions.api.appends import append_routes
 from chatsessions.api.auth import BearerAuthMiddleware
 from chatsessions.api.citations import build_citations_router
 from chatsessions.api.creates import create_routes
+from chatsessions.api.demo import build_demo_router
 from chatsessions.api.docs import install_docs
+from chatsessions.api.events import build_events_router
 from chatsessions.api.logs import configure_logging
 from chatsessions.api.messages import build_messages_router
 from chatsessions.api.metrics import Metrics
@@ -28,8 +30,10 @@ from chatsessions.api.problems import install_problem_handlers
 from chatsessions.api.search import build_search_router
 from chatsessions.api.sessions import build_sessions_router
 from chatsessions.api.startup import StartupRefusalMiddleware
+from chatsessions.api.streaming import build_streaming_router
 from chatsessions.api.transfer import IMPORT_BODY_TIMEOUT_SECONDS, IMPORT_PATH, build_transfer_router
 from chatsessions.config import Settings, StoreKind
+from chatsessions.events import Broker, EventSink
 from chatsessions.keys import KeySource
 from chatsessions.models import DEFAULT_TENANT
 from chatsessions.storage.base import SessionRepository, StoreObserver
@@ -42,20 +46,23 @@ class State(TypedDict):
 
     repository: SessionRepository
     settings: Settings
+    broker: Broker
     keys: KeySource | None
     metrics: Metrics
     body_deadlines: BodyDeadlines
 
 
-async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
-    """Open the backend that `settings.store` names; `observer` receives its metrics."""
+async def build_repository(
+    settings: Settings, observer: StoreObserver | None = None, *, sink: EventSink | None = None
+) -> SessionRepository:
+    """Open the backend that `settings.store` names; `observer` receives its metrics, `sink` its events."""
     if settings.store in (StoreKind.sqlite, StoreKind.memory):
         from chatsessions.storage.sqlite import SqliteSessionRepository
 
-        return await SqliteSessionRepository.open(settings, observer=observer)
+        return await SqliteSessionRepository.open(settings, observer=observer, sink=sink)
     from chatsessions.storage.postgres import PostgresSessionRepository
 
-    return await PostgresSessionRepository.open(settings, observer=observer)
+    return await PostgresSessionRepository.open(settings, observer=observer, sink=sink)
 
 
 async def open_keys(settings: Settings) -> KeySource | None:
@@ -84,7 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             keys = await open_keys(resolved)  # a bad keys file stops the start-up before the store opens
             metrics = Metrics()
-            repository = await build_repository(resolved, metrics.observer())
+            broker = Broker(capacity=resolved.events_buffer, max_subscribers=resolved.events_max_subscribers)
+            repository = await build_repository(resolved, metrics.observer(), sink=broker)
             log.info("chatsessions %s ready: store=%s", __version__, resolved.store.value)
             # What is alive now (modules, the app, the catalog) lives as long as the app: keep it
             # out of the collector's full passes, which otherwise rescan it under load.
@@ -98,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "keys": keys,
                     "metrics": metrics,
                     "body_deadlines": deadlines,
+                    "broker": broker,
                 }
             finally:
                 gc.unfreeze()
@@ -120,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"name": "sessions", "description": "Create, read, list, patch and delete chat sessions."},
             {"name": "messages", "description": "Append to and page through a session's history."},
             {"name": "search", "description": "Full-text search of messages, and the citations index."},
+            {"name": "events", "description": "Change feeds of a session and of the tenant (Server-Sent Events)."},
             {"name": "transfer", "description": "Export and import of sessions as NDJSON."},
             {"name": "health", "description": "Probes and metrics for orchestrators."},
         ],
@@ -142,6 +152,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))
     app.include_router(build_citations_router(resolved))
+    app.include_router(build_streaming_router(resolved))
+    app.include_router(build_events_router(resolved))
+    app.include_router(build_demo_router())
     app.include_router(build_transfer_router())
     app.include_router(health.router)
     app.include_router(metrics_router)

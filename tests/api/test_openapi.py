@@ -39,6 +39,10 @@ DOCUMENTED: dict[tuple[str, str], tuple[set[str], set[str]]] = {
     ("post", "/v1/import"): ({"200"}, {"400", "413", "422"}),
     ("get", "/v1/search"): ({"200"}, {"422"}),
     ("get", "/v1/citations"): ({"200"}, {"422"}),
+    ("post", MSGS + "/{seq}/deltas"): ({"200"}, {"400", "404", "409", "412", "413", "415", "422"}),
+    ("patch", MSGS + "/{seq}"): ({"200"}, {"400", "404", "409", "412", "413", "415", "422"}),
+    ("get", ONE + "/events"): ({"200"}, {"400", "404", "422", "503"}),
+    ("get", "/v1/events"): ({"200"}, {"422", "503"}),
     ("get", "/healthz"): ({"200"}, set()),
     ("get", "/readyz"): ({"200"}, {"503"}),
     ("get", "/metrics"): ({"200"}, set()),
@@ -55,6 +59,8 @@ MODELS: dict[tuple[str, str], str] = {
     ("post", MSGS + "/batch"): "MessageBatch",
     ("get", MSGS): "MessagePage",
     ("get", MSGS + "/{seq}"): "Message",
+    ("patch", MSGS + "/{seq}"): "Message",
+    ("post", MSGS + "/{seq}/deltas"): "MessageDeltaAck",
     ("delete", S): "DeletedCount",
     ("post", "/v1/import"): "ImportSummary",
     ("get", "/v1/search"): "SearchPage",
@@ -67,9 +73,11 @@ IF_MATCH = {
     ("post", MSGS),
     ("post", MSGS + "/batch"),
     ("delete", MSGS),
+    ("post", MSGS + "/{seq}/deltas"),
+    ("patch", MSGS + "/{seq}"),
     ("delete", MSGS + "/{seq}"),
 }
-IDEMPOTENT = {("post", S), ("post", MSGS), ("post", MSGS + "/batch")}
+IDEMPOTENT = {("post", S), ("post", MSGS), ("post", MSGS + "/batch"), ("post", MSGS + "/{seq}/deltas")}
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 
@@ -121,7 +129,9 @@ async def test_success_responses_have_models(spec: dict[str, Any]) -> None:
             if key == ("get", "/v1/export"):
                 assert set(responses[status]["content"]) == {"application/x-ndjson"}
                 continue
-            schema = responses[status]["content"]["application/json"]["schema"]
+            content = responses[status]["content"]
+            # The change feeds answer a stream of Server-Sent Events, not JSON.
+            schema = (content.get("application/json") or content["text/event-stream"])["schema"]
             if key in MODELS:
                 assert schema == {"$ref": f"#/components/schemas/{MODELS[key]}"}, (key, status, schema)
             else:

@@ -161,6 +161,14 @@ async def test_damage_past_the_first_page_answers_503_never_500(tmp_path: Path, 
                     ), (method, path, response.status_code, response.text)
                 else:
                     assert response.status_code in (200, 201, 404), (method, path, response.text)
+            # The session's recorded change events (a replay reads them before its 200 goes out).
+            async with client.stream("GET", f"/v1/sessions/{sid}/events", headers={"Last-Event-ID": "0"}) as feed:
+                statuses[f"GET /v1/sessions/{sid}/events"] = feed.status_code
+                if feed.status_code >= 500:
+                    await feed.aread()
+                    assert is_problem(feed, 503, "storage-corrupted") or is_problem(feed, 503, "storage-unavailable")
+                else:
+                    assert feed.status_code in (200, 404)
         listing = await client.get("/v1/sessions", params={"limit": 100})
         assert listing.status_code in (200, 503), listing.text
         assert (await client.get("/healthz")).status_code == 200  # the process is alive and answers

@@ -26,6 +26,7 @@ from asgi_lifespan import LifespanManager
 import chatsessions.main
 from chatsessions.config import Settings
 from chatsessions.errors import StorageFailed, StorageFull, StorageUnavailable
+from chatsessions.events import EventSink
 from chatsessions.models import MessageCreate, MessageQuery, Role, SessionCreate, SessionPatch
 from chatsessions.storage.base import SessionRepository, StoreObserver
 from chatsessions.storage.sqlite import SqliteSessionRepository
@@ -252,8 +253,10 @@ async def test_http_answers_507_then_503_and_stops_after_a_failed_sync(
 ) -> None:
     data = tmp_path / "data"
 
-    async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
-        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name)
+    async def build_repository(
+        settings: Settings, observer: StoreObserver | None = None, *, sink: EventSink | None = None
+    ) -> SessionRepository:
+        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name, sink=sink)
 
     # create_app takes no VFS: its lifespan calls this module-level factory, which the test swaps.
     monkeypatch.setattr(chatsessions.main, "build_repository", build_repository)
@@ -353,8 +356,10 @@ async def test_a_keyed_append_that_failed_can_be_retried_and_lands_once(
     """An Idempotency-Key whose append failed (507, or 503 on a failed sync) is free again, never stuck or doubled."""
     data = tmp_path / "data"
 
-    async def build_repository(settings: Settings, observer: StoreObserver | None = None) -> SessionRepository:
-        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name)
+    async def build_repository(
+        settings: Settings, observer: StoreObserver | None = None, *, sink: EventSink | None = None
+    ) -> SessionRepository:
+        return await SqliteSessionRepository.open(settings, observer=observer, vfs=vfs.vfs_name, sink=sink)
 
     monkeypatch.setattr(chatsessions.main, "build_repository", build_repository)
     full_key = {"Idempotency-Key": "full-disk-key"}

@@ -87,11 +87,13 @@ _DOMAIN: list[tuple[type[errors.ChatSessionsError], int, str]] = [
     (errors.MessageNotFound, 404, "message-not-found"),
     (errors.SessionExists, 409, "session-exists"),
     (errors.MessageExists, 409, "message-exists"),
+    (errors.MessageNotInProgress, 409, "message-not-in-progress"),
     (errors.PreconditionFailed, 412, "precondition-failed"),
     (errors.IdempotencyInProgress, 409, "idempotency-in-progress"),
     (errors.IdempotencyKeyReused, 422, "idempotency-key-reused"),
     (errors.InvalidInput, 422, "validation-error"),
     (errors.StorageFull, 507, "storage-full"),
+    (errors.TooManyStreams, 503, "too-many-streams"),
     (errors.StorageCorrupted, 503, "storage-corrupted"),
     (errors.StorageUnavailable, 503, "storage-unavailable"),
 ]
@@ -104,7 +106,7 @@ def domain_problem(exc: errors.ChatSessionsError) -> Response:
                 issue = {"loc": list(exc.loc), "msg": str(exc), "type": "value_error"}
                 return problem_response(status, str(exc), kind=kind, errors_=[issue])
             headers: dict[str, str] = {}
-            if status in (503, 409) and kind not in ("session-exists", "message-exists"):
+            if status in (503, 409) and kind not in ("session-exists", "message-exists", "message-not-in-progress"):
                 headers["Retry-After"] = "1"
             if isinstance(exc, errors.PreconditionFailed):
                 headers["ETag"] = f'"{exc.version}"'  # the current version, to retry against

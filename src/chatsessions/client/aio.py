@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
 
-from chatsessions.client import _calls
+from chatsessions.client import _calls, live
 from chatsessions.client._calls import IfMatch, MessageInput, RetryPolicy
 from chatsessions.models import (
     CitationPage,
@@ -176,6 +176,57 @@ class AsyncChatSessions:
     async def delete_session(self, session_id: str, *, if_match: IfMatch = None) -> None:
         """Delete the session and its messages; NotFound if there is none."""
         await self._send(_calls.delete_session(session_id, if_match))
+
+    # --- live: change feeds and streamed messages (chatsessions.client.live) ---------------
+
+    def follow_session(
+        self, session_id: str, *, last_event_id: str | None = None
+    ) -> AsyncGenerator[live.FeedEvent, None]:
+        """The session's change events, resuming by itself after a drop; ends after `session.deleted`.
+
+        `last_event_id`: resume after that event ("0": from the session's creation); None: live only.
+        NotFound (raised when iterating starts) if there is no such session.
+        """
+        return live.follow(
+            self._http,
+            f"{_calls._session_path(session_id)}/events",
+            headers=self._headers,
+            params={},
+            last_event_id=last_event_id,
+            ends_with="session.deleted",
+            retry=self._retry,
+        )
+
+    def follow_events(
+        self, *, last_event_id: str | None = None, **filters: str | None
+    ) -> AsyncGenerator[live.FeedEvent, None]:
+        """Every change event of the tenant (filters `user_id`, `document_id`, `section_id`), resuming by itself."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return live.follow(
+            self._http,
+            "/v1/events",
+            headers=self._headers,
+            params=params,
+            last_event_id=last_event_id,
+            ends_with=None,
+            retry=self._retry,
+        )
+
+    def stream_message(
+        self, session_id: str, *, role: Role | str = Role.assistant, content: str = "", **fields: Any
+    ) -> live.MessageStream:
+        """`async with chats.stream_message(sid) as m: await m.write(text)`: completed on exit, incomplete on error."""
+        base = f"{_calls._session_path(session_id)}/messages"
+
+        async def send(method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
+            call: _calls.Call[Any] = _calls.Call(method, base + path, lambda r: r.json(), json=body, headers=headers)
+            return await self._send(call)
+
+        async def open_message() -> live.StreamedMessage:
+            message = await self.append_message(session_id, role=role, content=content, status="in_progress", **fields)
+            return live.StreamedMessage(message, send)
+
+        return live.MessageStream(open_message)
 
     # --- messages -----------------------------------------------------------------
 

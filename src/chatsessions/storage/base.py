@@ -12,8 +12,9 @@ nothing.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
+from chatsessions.events import SessionReplay, TenantFilter, TenantReplay
 from chatsessions.models import (
     CitationCursor,
     CitationFilter,
@@ -225,6 +226,63 @@ class SessionRepository(Protocol):
         self, tenant: str, doc_id: str, *, filters: CitationFilter, limit: int, cursor: CitationCursor | None
     ) -> CitationListing:
         """References whose `doc_id` member equals `doc_id`, newest message first, strictly after `cursor`."""
+        ...
+
+    async def append_delta(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        content: str,
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, Message]:
+        """Append text to a streamed (`in_progress`) message: one change, one version step, a message.delta event.
+
+        Raises:
+            SessionNotFound, MessageNotFound, PreconditionFailed,
+            MessageNotInProgress: the message completed (or never streamed),
+            InvalidInput: the content would pass the content limit, or is not a string.
+        """
+        ...
+
+    async def update_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        changes: dict[str, Any],
+        *,
+        if_match: Precondition | None = None,
+    ) -> tuple[Session, Message]:
+        """Merge-patch a streamed message (`changes`: the fields set, as JSON); a message.updated event.
+
+        A status of `completed` or `incomplete` ends the stream: the message is then
+        immutable, and indexed for search. Raises as `append_delta`.
+        """
+        ...
+
+    async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> SessionReplay:
+        """The session's recorded change events with a version greater than `after`, oldest first.
+
+        Read in one snapshot with the session itself. Every change of a session
+        records its event in the change's own transaction, and versions step by
+        one, so the events after a position are contiguous: `replayable` is
+        False when `after` is beyond the current version or older than what is
+        still recorded (pruned after `events_retention_seconds`, or erased by a
+        clear or deletion). At most `limit` events; call again from the last.
+        """
+        ...
+
+    async def read_tenant_events(
+        self, tenant: str, *, after: int | None, filters: TenantFilter, limit: int
+    ) -> TenantReplay:
+        """The tenant's recorded events with an id greater than `after`, in commit (id) order.
+
+        `after=None` reads only `head`, the highest id given so far. `replayable`
+        is False for an id the store never gave or whose successors were pruned.
+        """
         ...
 
     async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:

@@ -143,14 +143,14 @@ DELETE_SESSION = f"""
 WITH deleted AS (
     DELETE FROM sessions
     WHERE tenant = $1 AND id = $2 AND ($3::bigint[] IS NULL OR version = ANY($3::bigint[])) AND {_ALIVE}
-    RETURNING version
+    RETURNING version, user_id, document_id, section_id
 ),
 answers AS (
     DELETE FROM idempotency_keys WHERE tenant = $1 AND session_id = $2 AND EXISTS (SELECT FROM deleted)
 )
-SELECT true AS found, version FROM deleted
+SELECT true AS found, version, user_id, document_id, section_id FROM deleted
 UNION ALL
-SELECT false, version FROM sessions
+SELECT false, version, user_id, document_id, section_id FROM sessions
 WHERE tenant = $1 AND id = $2 AND {_ALIVE} AND NOT EXISTS (SELECT FROM deleted)
 """
 DELETE_ANY_SESSION = "DELETE FROM sessions WHERE tenant = $1 AND id = $2"
@@ -401,3 +401,62 @@ def listing_query(
 def page_query(order: Order) -> str:
     """SQL of a message page: arguments tenant, session id, after, before, limit."""
     return PAGE_ASC if order is Order.asc else PAGE_DESC
+
+
+# --- change events -----------------------------------------------------------------
+
+# Arguments: one array per column (tenant, session_id, version, type, data, user_id, document_id,
+# section_id). The last statement of a changing transaction: it holds event_head's row lock until
+# the commit, so ids follow commit order across every replica.
+RECORD_EVENTS = """
+WITH head AS (UPDATE event_head SET id = id + cardinality($1::text[]) RETURNING id)
+INSERT INTO events (id, tenant, session_id, version, type, data, user_id, document_id, section_id)
+SELECT head.id - cardinality($1::text[]) + e.n, e.tenant, e.session_id, e.version, e.type, e.data,
+       e.user_id, e.document_id, e.section_id
+FROM head, unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])
+    WITH ORDINALITY AS e(tenant, session_id, version, type, data, user_id, document_id, section_id, n)
+"""
+FORGET_SESSION_EVENTS = "DELETE FROM events WHERE tenant = $1 AND session_id = $2"
+EVENT_COLUMNS = "id, tenant, session_id, version, type, data, user_id, document_id, section_id"
+INCARNATION_FLOOR = """
+SELECT coalesce(max(id), 0) FROM events WHERE tenant = $1 AND session_id = $2 AND type = 'session.deleted'
+"""
+SESSION_EVENTS = f"""
+SELECT {EVENT_COLUMNS} FROM events
+WHERE tenant = $1 AND session_id = $2 AND version > $3 AND id > $4 ORDER BY version LIMIT $5
+"""
+TENANT_EVENTS = f"""
+SELECT {EVENT_COLUMNS} FROM events
+WHERE tenant = $1 AND id > $2 AND ($3::text IS NULL OR user_id = $3) AND ($4::text IS NULL OR document_id = $4)
+  AND ($5::text IS NULL OR section_id = $5)
+ORDER BY id LIMIT $6
+"""
+EVENTS_AFTER = f"SELECT {EVENT_COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+EVENT_HEAD = "SELECT id FROM event_head"
+LOWEST_EVENT = "SELECT min(id) FROM events"
+PRUNE_EVENTS = """
+DELETE FROM events WHERE id IN (
+    SELECT id FROM events
+    WHERE id <= (SELECT id FROM events WHERE created_at < now() - make_interval(secs => $1)
+                 ORDER BY created_at DESC LIMIT 1)
+    ORDER BY id LIMIT $2
+)
+"""
+
+# --- streamed messages ---------------------------------------------------------------
+
+LOCK_MESSAGE = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant = $1 AND session_id = $2 AND seq = $3 FOR UPDATE"
+# Arguments: tenant, session id, seq, updated_at, then one value per MESSAGE_FIELDS.
+_REWRITE_VALUES = ", ".join(
+    f"${5 + i}::text::{kind}" if kind in _AS_TEXT else f"${5 + i}::{kind}" for i, (_, kind) in enumerate(MESSAGE_FIELDS)
+)
+REWRITE_MESSAGE = f"""
+UPDATE messages SET updated_at = $4, ({_FIELD_NAMES}) = ({_REWRITE_VALUES})
+WHERE tenant = $1 AND session_id = $2 AND seq = $3
+"""
+STEP_SESSION = "UPDATE sessions SET version = $3, updated_at = $4 WHERE tenant = $1 AND id = $2"
+IDLE_STREAMS = """
+SELECT tenant, session_id, seq FROM messages
+WHERE status = 'in_progress' AND coalesce(updated_at, created_at) < now() - make_interval(secs => $1)
+ORDER BY coalesce(updated_at, created_at) LIMIT $2
+"""

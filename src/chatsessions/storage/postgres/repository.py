@@ -7,17 +7,21 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
+from chatsessions import events as ev
+from chatsessions import streaming
 from chatsessions.config import Settings
 from chatsessions.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
     MessageNotFound,
+    MessageNotInProgress,
     SessionExists,
     SessionNotFound,
     StorageUnavailable,
@@ -33,6 +37,7 @@ from chatsessions.models import (
     Message,
     MessageCreate,
     MessageQuery,
+    MessageStatus,
     Precondition,
     Retention,
     Role,
@@ -53,6 +58,13 @@ from chatsessions.storage import common
 from chatsessions.storage.base import NullObserver, StoreObserver
 from chatsessions.storage.postgres import queries as q
 from chatsessions.storage.postgres import rows
+from chatsessions.storage.postgres.events import (
+    EventFollower,
+    forget_session_events,
+    read_session_events,
+    read_tenant_events,
+    record_events,
+)
 from chatsessions.storage.postgres.faults import translate_errors
 from chatsessions.storage.postgres.schema import application_name, migrate
 from chatsessions.storage.postgres.writer import (
@@ -62,6 +74,7 @@ from chatsessions.storage.postgres.writer import (
     PendingAppend,
     PendingCreate,
     RunAlone,
+    created_event,
     run_appends,
     run_creates,
 )
@@ -71,6 +84,8 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     Conn: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+log = logging.getLogger("chatsessions.postgres")
 
 # A claimed Idempotency-Key whose request has not finished by then is free again:
 # the replica that held it crashed. Far longer than any statement may run.
@@ -109,6 +124,21 @@ def _expected(if_match: Precondition | None) -> tuple[bool, int | None]:
     return False, None
 
 
+def _deleted_event(tenant: str, session_id: str, row: asyncpg.Record) -> ev.EventDraft:
+    """session.deleted from `queries.DELETE_SESSION`'s row (the deleted version and links)."""
+    data = json.dumps({"session_id": session_id, "version": row["version"] + 1}, separators=(",", ":"))
+    return ev.EventDraft(
+        tenant,
+        session_id,
+        row["version"] + 1,
+        ev.SESSION_DELETED,
+        data,
+        row["user_id"],
+        row["document_id"],
+        row["section_id"],
+    )
+
+
 def _lost_race(session_id: str) -> StorageUnavailable:
     return StorageUnavailable(f"session {session_id!r} is changing too fast; retry")
 
@@ -125,6 +155,8 @@ class PostgresSessionRepository:
         idempotency_lease: float = IDEMPOTENCY_LEASE_SECONDS,
         observer: StoreObserver | None = None,
         max_page_bytes: int = 8 * 2**20,
+        max_content_bytes: int = 2**20,
+        stream_idle: float = 300.0,
         retention: Retention | None = None,
         purge_interval: float = 60.0,
     ) -> None:
@@ -144,15 +176,23 @@ class PostgresSessionRepository:
         self._creates = GroupCommit(
             run_creates, connection=self._connection, observer=self._observer, name="chatsessions-creates"
         )
+        self._follower: EventFollower | None = None
+        self._max_content_bytes = max_content_bytes
+        self._stream_idle = stream_idle
+        self._stream_expiry: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, observer: StoreObserver | None = None) -> PostgresSessionRepository:
+    async def open(
+        cls, settings: Settings, *, observer: StoreObserver | None = None, sink: ev.EventSink | None = None
+    ) -> PostgresSessionRepository:
         """Migrate the schema, then open the connection pool.
 
         Args:
             settings: `postgres_dsn`, `postgres_schema`, pool bounds and timeout are used.
             observer: told of every write transaction (`commit`, with the number of changes it
                 held) and of the group-commit queues' depth (`queue_depth`).
+            sink: receives every change event any replica commits, in id order
+                (`events.EventFollower`); None: events are recorded, not followed.
 
         Raises:
             StorageUnavailable: no DSN is configured, or PostgreSQL cannot be reached.
@@ -163,6 +203,12 @@ class PostgresSessionRepository:
         schema = settings.postgres_schema
         timeout = settings.postgres_timeout_seconds
         idle = settings.retention_idle_seconds
+        server_settings = {
+            "search_path": f'"{schema}"',
+            "application_name": application_name(schema),
+            # Every query's "not expired" condition reads the idle rule from here.
+            q.IDLE_SETTING: "" if idle is None else repr(float(idle)),
+        }
         with translate_errors():
             await migrate(dsn, schema=schema, connect_timeout=timeout)
             pool = await asyncpg.create_pool(
@@ -172,12 +218,7 @@ class PostgresSessionRepository:
                 timeout=timeout,
                 command_timeout=timeout,
                 reset=_keep_session_state,
-                server_settings={
-                    "search_path": f'"{schema}"',
-                    "application_name": application_name(schema),
-                    # Every query's "not expired" condition reads the idle rule from here.
-                    q.IDLE_SETTING: "" if idle is None else repr(float(idle)),
-                },
+                server_settings=server_settings,
             )
         repository = cls(
             pool,
@@ -187,8 +228,27 @@ class PostgresSessionRepository:
             max_page_bytes=settings.max_page_bytes,
             retention=Retention(idle),
             purge_interval=settings.purge_interval_seconds,
+            max_content_bytes=settings.max_content_bytes,
+            stream_idle=settings.stream_idle_seconds,
         )
         repository._sweeper = asyncio.create_task(repository._sweep(), name="chatsessions-postgres-sweeper")
+        repository._stream_expiry = asyncio.create_task(repository._expire_streams(), name="chatsessions-stream-expiry")
+        if sink is not None:
+            follower = EventFollower(
+                dsn=dsn,
+                schema=schema,
+                connection=repository._connection,
+                sink=sink,
+                server_settings=server_settings,
+                retention_seconds=settings.events_retention_seconds,
+            )
+            try:
+                with translate_errors():
+                    await follower.start()
+            except BaseException:
+                await repository.aclose()
+                raise
+            repository._follower = follower
         return repository
 
     # --- connections ----------------------------------------------------------
@@ -262,7 +322,7 @@ class PostgresSessionRepository:
                 created, _ = await self._create(tenant, session.id, values)
             else:  # the answer commits with the session, in the same statement
                 answer = idempotency.render(session, [])
-                async with self._writing() as conn:
+                async with self._transaction() as conn:
                     created = await conn.fetchval(
                         q.INSERT_SESSION_ANSWERED,
                         tenant,
@@ -275,6 +335,8 @@ class PostgresSessionRepository:
                         rows.dump(answer.headers),
                         self._idempotency_ttl,
                     )
+                    if created:
+                        await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CREATED)])
             if created:
                 return session
             if not await self._free_if_expired(tenant, session.id):
@@ -308,8 +370,10 @@ class PostgresSessionRepository:
                 PendingCreate(tenant=tenant, session_id=session_id, weight=weight, values=values)
             )
         if isinstance(outcome, RunAlone):
-            async with self._writing() as conn:
+            async with self._transaction() as conn:
                 outcome = await conn.fetchrow(q.GET_OR_INSERT_SESSION, tenant, session_id, *values)
+                if outcome is not None and outcome["created"]:
+                    await record_events(conn, [created_event(tenant, outcome)])
         if outcome is None:
             return False, None
         return bool(outcome["created"]), None if outcome["created"] else outcome
@@ -342,14 +406,18 @@ class PostgresSessionRepository:
                 session.version,
                 session.updated_at,
             )
+            await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_UPDATED)])
         return session
 
     async def delete_session(self, tenant: str, session_id: str, *, if_match: Precondition | None = None) -> None:
         # Messages go with the row: ON DELETE CASCADE.
         versions = _versions(if_match)
         for _ in range(RACE_ATTEMPTS):
-            async with self._writing() as conn:
+            async with self._transaction() as conn:
                 row = await conn.fetchrow(q.DELETE_SESSION, tenant, session_id, versions)
+                if row is not None and row["found"]:
+                    await forget_session_events(conn, tenant, session_id)
+                    await record_events(conn, [_deleted_event(tenant, session_id, row)])
             if row is None:
                 raise SessionNotFound(session_id)
             if row["found"]:
@@ -391,6 +459,7 @@ class PostgresSessionRepository:
                 count=len(messages),
                 expected=expected,
                 arrays=arrays,
+                messages=messages,
             )
             outcome = await self._appends.submit(pending)
             if not isinstance(outcome, RunAlone):
@@ -401,9 +470,11 @@ class PostgresSessionRepository:
         args = (len(messages), utcnow(), _versions(if_match), *arrays)
         for _ in range(RACE_ATTEMPTS):
             if not alone:
-                async with self._writing() as conn:
+                async with self._transaction() as conn:
                     row = await conn.fetchrow(q.APPEND, tenant, session_id, *args)
-                result = self._appended(session_id, row, messages, if_match)
+                    result = self._appended(session_id, row, messages, if_match)
+                    if result is not None:
+                        await record_events(conn, [ev.messages_event(tenant, *result)])
             else:
                 # Citations and the answer under a key are made from the result, so they take
                 # more statements; the transaction commits them with the change.
@@ -448,7 +519,7 @@ class PostgresSessionRepository:
         cites: bool,
         idempotency: IdempotencyRequest | None,
     ) -> None:
-        """In the append's transaction: its citations, and its answer under an Idempotency-Key."""
+        """In the append's transaction: its citations, its answer under an Idempotency-Key, its event (last)."""
         session, added = result
         if cites:
             citations = rows.citation_arrays(added)
@@ -462,6 +533,7 @@ class PostgresSessionRepository:
                 answer=idempotency.render(*result),
                 session_id=session_id,
             )
+        await record_events(conn, [ev.messages_event(tenant, session, added)])
 
     @staticmethod
     def _appended(
@@ -507,6 +579,8 @@ class PostgresSessionRepository:
             await conn.execute(q.DELETE_ANSWERS, tenant, session_id)
             session = common.after_clear(current, now=common.change_time(current))
             await conn.execute(q.CLEAR_COUNTERS, tenant, session_id, session.version, session.updated_at)
+            await forget_session_events(conn, tenant, session_id)
+            await record_events(conn, [ev.session_event(tenant, session, ev.SESSION_CLEARED)])
         return session
 
     async def delete_message(
@@ -520,6 +594,7 @@ class PostgresSessionRepository:
             session = common.after_message_deleted(current, now=common.change_time(current))
             await conn.execute(q.MESSAGE_DELETED_COUNTERS, tenant, session_id, session.version, session.updated_at)
             await conn.execute(q.DELETE_ANSWERS, tenant, session_id)
+            await record_events(conn, [ev.message_deleted_event(tenant, session, seq)])
         return session
 
     async def delete_sessions(self, tenant: str, *, user_id: str, document_id: str | None = None) -> int:
@@ -678,6 +753,134 @@ class PostgresSessionRepository:
 
     # --- lifecycle --------------------------------------------------------------
 
+    # --- streamed messages -----------------------------------------------------------
+
+    async def _change_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        *,
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+        edit: Callable[[Message, datetime], Message],
+        event: Callable[[Session, Message], ev.EventDraft],
+    ) -> tuple[Session, Message]:
+        """One transaction: lock the session and the message, rewrite it, step the version, record `event`."""
+        async with self._transaction() as conn:
+            current = await self._lock(conn, tenant, session_id, if_match)
+            wanted = seq if 0 < seq <= common.MAX_SEQ else 0
+            row = await conn.fetchrow(q.LOCK_MESSAGE, tenant, session_id, wanted)
+            if row is None:
+                raise MessageNotFound(session_id, seq)
+            message = rows.message_from(row)
+            now = common.change_time(current)
+            changed = edit(message, now)
+            arrays = rows.message_arrays(tenant, [rows.as_create(changed)])
+            await conn.execute(q.REWRITE_MESSAGE, tenant, session_id, seq, now, *(column[0] for column in arrays))
+            session = current.model_copy(update={"version": current.version + 1, "updated_at": now})
+            await conn.execute(q.STEP_SESSION, tenant, session_id, session.version, now)
+            if message.status is MessageStatus.in_progress and changed.status is not MessageStatus.in_progress:
+                citations = rows.citation_arrays([changed])
+                if citations[0]:
+                    await conn.execute(q.INSERT_CITATIONS, tenant, session_id, changed.created_at, *citations)
+            if idempotency is not None:
+                await self._store_answer(
+                    conn,
+                    tenant=tenant,
+                    key=idempotency.key,
+                    fingerprint=idempotency.fingerprint,
+                    answer=idempotency.render(session, [changed]),
+                )
+            await record_events(conn, [event(session, changed)])
+        return session, changed
+
+    async def append_delta(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        content: str,
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, Message]:
+        return await self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match=if_match,
+            idempotency=idempotency,
+            edit=lambda m, now: streaming.apply_delta(
+                session_id, m, content, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            event=lambda session, m: ev.delta_event(tenant, session, seq, content),
+        )
+
+    async def update_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        changes: dict[str, Any],
+        *,
+        if_match: Precondition | None = None,
+    ) -> tuple[Session, Message]:
+        return await self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match=if_match,
+            idempotency=None,
+            edit=lambda m, now: streaming.apply_patch(
+                session_id, m, changes, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            event=lambda session, m: ev.message_updated_event(tenant, session, m),
+        )
+
+    async def expire_idle_streams(self) -> int:
+        """Mark incomplete (each a change with its event) up to 500 streamed messages left idle."""
+        async with self._connection() as conn:
+            idle = await conn.fetch(q.IDLE_STREAMS, self._stream_idle, 500)
+        expired = 0
+        for row in idle:
+            with contextlib.suppress(MessageNotInProgress, MessageNotFound, SessionNotFound):
+                await self._expire_one(row["tenant"], row["session_id"], row["seq"])
+                expired += 1
+        return expired
+
+    async def _expire_one(self, tenant: str, session_id: str, seq: int) -> None:
+        def expire(message: Message, now: datetime) -> Message:
+            # Checked again under the row lock: a delta (or another replica) may have come since.
+            if (now - message.updated_at).total_seconds() < self._stream_idle:
+                raise MessageNotInProgress(session_id, message.seq, "active")
+            return streaming.expired(session_id, message, now=now)
+
+        def event(session: Session, message: Message) -> ev.EventDraft:
+            return ev.message_updated_event(tenant, session, message)
+
+        await self._change_message(tenant, session_id, seq, if_match=None, idempotency=None, edit=expire, event=event)
+
+    async def _expire_streams(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, min(self._stream_idle / 2, 5.0)))
+            try:
+                await self.expire_idle_streams()
+            except Exception:
+                log.warning("marking idle streamed messages incomplete failed; will retry", exc_info=True)
+
+    # --- change events ---------------------------------------------------------------
+
+    async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
+        async with self._connection() as conn:
+            return await read_session_events(conn, tenant, session_id, after=after, limit=limit)
+
+    async def read_tenant_events(
+        self, tenant: str, *, after: int | None, filters: ev.TenantFilter, limit: int
+    ) -> ev.TenantReplay:
+        async with self._connection() as conn:
+            return await read_tenant_events(conn, tenant, after=after, filters=filters, limit=limit)
+
     async def check_ready(self) -> None:
         async with self._connection() as conn:
             writable = await conn.fetchval(q.IS_WRITABLE)
@@ -685,6 +888,14 @@ class PostgresSessionRepository:
             raise StorageUnavailable("PostgreSQL is a read-only standby")
 
     async def aclose(self) -> None:
+        if self._stream_expiry is not None:
+            self._stream_expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stream_expiry
+            self._stream_expiry = None
+        if self._follower is not None:
+            await self._follower.aclose()
+            self._follower = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -171,6 +171,8 @@ def _dump_models(models: Sequence[BaseModel] | None) -> str | None:
 
 
 def _words(tenant: str, message: MessageCreate | Message) -> str | None:
+    if message.status.value == "in_progress":
+        return None  # a streamed message is indexed once it completes
     found = scoped_words(tenant, message.role.value, content_text(message.content))
     return tsvector_literal(found) if found else None
 
@@ -178,7 +180,10 @@ def _words(tenant: str, message: MessageCreate | Message) -> str | None:
 def citation_arrays(messages: list[Message]) -> tuple[list[Any], ...]:
     """The arrays of `queries.INSERT_CITATIONS` after (tenant, session id): seq, ordinal, doc_id, reference."""
     found = [
-        (m.seq, ordinal, doc_id, dump(ref)) for m in messages for ordinal, doc_id, ref in cited_doc_ids(m.references)
+        (m.seq, ordinal, doc_id, dump(ref))
+        for m in messages
+        if m.status.value != "in_progress"  # a streamed message is cited once it completes
+        for ordinal, doc_id, ref in cited_doc_ids(m.references)
     ]
     return tuple(list(column) for column in zip(*found, strict=True)) if found else ([], [], [], [])
 
@@ -191,3 +196,18 @@ def content_of(row: asyncpg.Record) -> Any:
     if row["content_raw"] is not None:
         return bytes(row["content_raw"]).decode("utf-8", "surrogatepass")
     return load(row["parts"])
+
+
+def as_create(message: Message) -> MessageCreate:
+    """The message's fields as an append takes them (to rewrite a streamed message's row)."""
+    return MessageCreate.model_construct(
+        id=message.id,
+        role=message.role,
+        content=message.content,
+        name=message.name,
+        tool_calls=message.tool_calls,
+        tool_call_id=message.tool_call_id,
+        status=message.status,
+        metadata=message.metadata,
+        references=message.references,
+    )

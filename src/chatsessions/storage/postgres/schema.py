@@ -100,7 +100,46 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE client_id IS NOT NULL;
         """,
     ),
-    # Versions 3 and 4 are the lifecycle and change feed steps.
+    # Version 3 is the lifecycle step.
+    Migration(
+        4,
+        "change events",
+        """
+        -- One row a change of a session, written in the change's transaction. `id` comes from
+        -- event_head, whose one row every event-writing transaction updates last: the row lock
+        -- is held until commit, so ids are given in commit order and a reader that has seen
+        -- id n has seen every id below it (the tenant feed's position across replicas).
+        CREATE TABLE events (
+            id          bigint PRIMARY KEY,
+            tenant      text COLLATE "C" NOT NULL,
+            session_id  text COLLATE "C" NOT NULL,
+            version     bigint NOT NULL,
+            type        text NOT NULL,
+            data        text NOT NULL,
+            user_id     text,
+            document_id text,
+            section_id  text,
+            created_at  timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX events_by_session ON events (tenant, session_id, version);
+        CREATE INDEX events_by_tenant ON events (tenant, id);
+        CREATE INDEX events_by_age ON events (created_at);
+        CREATE TABLE event_head (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            id  bigint NOT NULL
+        );
+        INSERT INTO event_head VALUES (true, 0);
+        -- Wakes the replicas' listeners once the transaction commits (payload: this schema).
+        CREATE FUNCTION events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('chatsessions_events', TG_TABLE_SCHEMA);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER events_notify AFTER INSERT ON events FOR EACH STATEMENT EXECUTE FUNCTION events_notify();
+        -- The streamed messages, for the idle timeout.
+        CREATE INDEX messages_streaming ON messages ((coalesce(updated_at, created_at))) WHERE status = 'in_progress';
+        """,
+    ),
     Migration(
         3,
         "retention and erasure",

@@ -31,10 +31,14 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar
 
 import asyncpg
 
+from chatsessions import events as ev
 from chatsessions.errors import StorageFull, StorageUnavailable
-from chatsessions.models import utcnow
+from chatsessions.models import MessageCreate, utcnow
+from chatsessions.storage import common
 from chatsessions.storage.base import StoreObserver
 from chatsessions.storage.postgres import queries as q
+from chatsessions.storage.postgres import rows
+from chatsessions.storage.postgres.events import record_events
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -77,6 +81,7 @@ class PendingAppend(Pending):
     count: int
     expected: int | None  # the version If-Match demands; None: any
     arrays: tuple[list[Any], ...]  # `rows.message_arrays`
+    messages: list[MessageCreate] = field(default_factory=list)  # for the change event
 
 
 @dataclass(slots=True, kw_only=True)
@@ -214,7 +219,30 @@ async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Re
         order += range(1, change.count + 1)
         for column, values in zip(columns, change.arrays, strict=True):
             column += values
-    found = await conn.fetch(
+    async with conn.transaction():
+        found = await _append_batch(conn, batch, index, order, columns)
+        await record_events(conn, [appended_event(change, row) for change, row in _found(batch, found)])
+    return _by_index(found, len(batch))
+
+
+def appended_event(change: PendingAppend, row: asyncpg.Record) -> ev.EventDraft:
+    """The messages.created event of an append that `row` (session columns after it) answered."""
+    session = rows.session_from(row)
+    first_seq = session.last_seq - len(change.messages) + 1
+    added = common.new_messages(change.messages, first_seq=first_seq, now=session.updated_at)
+    return ev.messages_event(change.tenant, session, added)
+
+
+def _found(batch: list[P], found: list[asyncpg.Record]) -> list[tuple[P, asyncpg.Record]]:
+    """The changes of a batch that took effect (`found` or `created` true), with their rows."""
+    key = "found" if batch and isinstance(batch[0], PendingAppend) else "created"
+    return [(batch[row["i"] - 1], row) for row in found if row[key]]
+
+
+async def _append_batch(
+    conn: Conn, batch: list[PendingAppend], index: list[int], order: list[int], columns: tuple[list[Any], ...]
+) -> list[asyncpg.Record]:
+    return await conn.fetch(
         q.APPEND_BATCH,
         [change.tenant for change in batch],
         [change.session_id for change in batch],
@@ -225,19 +253,28 @@ async def run_appends(conn: Conn, batch: list[PendingAppend]) -> list[asyncpg.Re
         order,
         *columns,
     )
-    return _by_index(found, len(batch))
 
 
 async def run_creates(conn: Conn, batch: list[PendingCreate]) -> list[asyncpg.Record | None]:
     """Run a batch of creates; each outcome is a row as `queries.GET_OR_INSERT_SESSION` answers it."""
-    if len(batch) == 1:
-        one = batch[0]
-        return [await conn.fetchrow(q.GET_OR_INSERT_SESSION, one.tenant, one.session_id, *one.values)]
-    columns = [list(column) for column in zip(*(change.values for change in batch), strict=True)]
-    found = await conn.fetch(
-        q.CREATE_BATCH,
-        [change.tenant for change in batch],
-        [change.session_id for change in batch],
-        *columns,
-    )
+    async with conn.transaction():
+        if len(batch) == 1:
+            one = batch[0]
+            row = await conn.fetchrow(q.GET_OR_INSERT_SESSION, one.tenant, one.session_id, *one.values)
+            if row is not None and row["created"]:
+                await record_events(conn, [created_event(one.tenant, row)])
+            return [row]
+        columns = [list(column) for column in zip(*(change.values for change in batch), strict=True)]
+        found = await conn.fetch(
+            q.CREATE_BATCH,
+            [change.tenant for change in batch],
+            [change.session_id for change in batch],
+            *columns,
+        )
+        await record_events(conn, [created_event(change.tenant, row) for change, row in _found(batch, found)])
     return _by_index(found, len(batch))
+
+
+def created_event(tenant: str, row: asyncpg.Record) -> ev.EventDraft:
+    """The session.created event of a row that `created` answered true."""
+    return ev.session_event(tenant, rows.session_from(row), ev.SESSION_CREATED)

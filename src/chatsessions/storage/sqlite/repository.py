@@ -20,11 +20,14 @@ from typing import Any
 import apsw
 from pydantic_core import from_json, to_json
 
+from chatsessions import events as ev
+from chatsessions import streaming
 from chatsessions.config import Settings
 from chatsessions.errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
     MessageNotFound,
+    MessageNotInProgress,
     SessionExists,
     SessionNotFound,
     StorageFailed,
@@ -40,6 +43,7 @@ from chatsessions.models import (
     Message,
     MessageCreate,
     MessageQuery,
+    MessageStatus,
     Order,
     Precondition,
     Retention,
@@ -78,13 +82,24 @@ from chatsessions.storage.common import (
     seq_bounds,
     to_us,
 )
-from chatsessions.storage.sqlite import rows
+from chatsessions.storage.sqlite import rows, streams
+from chatsessions.storage.sqlite.events import (
+    forget_session,
+    prune_events,
+    read_session_events,
+    read_tenant_events,
+    record_event,
+)
 from chatsessions.storage.sqlite.reader import Readers
 from chatsessions.storage.sqlite.schema import DataDirLock, Location, configure_writer, migrate
 from chatsessions.storage.sqlite.writer import Head, HeadKey, Tx, Writer
 from chatsessions.text import SearchQuery, content_text, match_expression, scoped_words, snippet
 
 log = logging.getLogger("chatsessions.sqlite")
+
+
+class _StillActive(Exception):
+    """A streamed message changed since the idle timeout found it: it stays in_progress."""
 
 
 READER_THREADS = 4
@@ -116,6 +131,11 @@ class SqliteSessionRepository:
         self._lock = lock
         self._idempotency_ttl_us = int(settings.idempotency_ttl_seconds * 1e6)
         self._max_page_bytes = settings.max_page_bytes
+        self._events_retention_us = int(settings.events_retention_seconds * 1e6)
+        self._max_content_bytes = settings.max_content_bytes
+        self._stream_idle_us = int(settings.stream_idle_seconds * 1e6)
+        self._stream_check_seconds = max(0.05, min(settings.stream_idle_seconds / 2, 5.0))
+        self._stream_expiry: asyncio.Task[None] | None = None
         self._retention = Retention(settings.retention_idle_seconds)
         self._purge_interval = settings.purge_interval_seconds
         # Set (by the writer thread) when a change deleted content: the next purge checkpoints
@@ -126,11 +146,17 @@ class SqliteSessionRepository:
 
     @classmethod
     async def open(
-        cls, settings: Settings, *, observer: StoreObserver | None = None, vfs: str | None = None
+        cls,
+        settings: Settings,
+        *,
+        observer: StoreObserver | None = None,
+        vfs: str | None = None,
+        sink: ev.EventSink | None = None,
     ) -> SqliteSessionRepository:
         """Lock the data directory, open (and upgrade) the database, start the writer.
 
-        `vfs` names an apsw VFS to open the database through (the tests' fault seam).
+        `vfs` names an apsw VFS to open the database through (the tests' fault seam);
+        `sink` receives the committed change events (on the event loop, in commit order).
 
         Raises:
             StorageLocked, StorageIncompatible, StorageCorrupted, StorageUnavailable.
@@ -142,6 +168,7 @@ class SqliteSessionRepository:
             cache_sessions=settings.cache_sessions,
             cache_bytes=settings.cache_bytes,
             observer=observer or NullObserver(),
+            on_commit=(sink or ev.NullSink()).publish,
         )
 
         def setup(conn: apsw.Connection) -> None:
@@ -159,6 +186,7 @@ class SqliteSessionRepository:
         readers = Readers(lambda: location.connect(readonly=True), threads=READER_THREADS)
         repository = cls(location=location, writer=writer, readers=readers, lock=lock, settings=settings)
         repository._maintenance = asyncio.create_task(repository._maintain(), name="chatsessions-sqlite-maintenance")
+        repository._stream_expiry = asyncio.create_task(repository._expire_streams(), name="chatsessions-stream-expiry")
         return repository
 
     # --- helpers ------------------------------------------------------------
@@ -225,18 +253,29 @@ class SqliteSessionRepository:
         """Insert messages with their full-text words and citations (in the caller's transaction)."""
         for message in added:
             (rowid,) = next(conn.execute(rows.INSERT_MESSAGE, rows.message_values(pk, message)))
-            found = scoped_words(tenant, message.role.value, content_text(message.content))
-            if found:
-                conn.execute(rows.INDEX_WORDS, (rowid, " ".join(found)))
-            created = to_us(message.created_at)
-            for ordinal, doc_id, reference in cited_doc_ids(message.references):
-                citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
-                conn.execute(rows.INSERT_CITATION, citation)
+            if message.status is MessageStatus.in_progress:
+                streams.start_stream(conn, pk, message)  # indexed once it completes
+            else:
+                SqliteSessionRepository._index_message(conn, tenant, session_id, pk, rowid, message)
+
+    @staticmethod
+    def _index_message(
+        conn: apsw.Connection, tenant: str, session_id: str, pk: int, rowid: int, message: Message
+    ) -> None:
+        """A message's full-text words and citations (in the caller's transaction)."""
+        found = scoped_words(tenant, message.role.value, content_text(message.content))
+        if found:
+            conn.execute(rows.INDEX_WORDS, (rowid, " ".join(found)))
+        created = to_us(message.created_at)
+        for ordinal, doc_id, reference in cited_doc_ids(message.references):
+            citation = (tenant, doc_id, created, session_id, message.seq, ordinal, pk, to_json(reference).decode())
+            conn.execute(rows.INSERT_CITATION, citation)
 
     def _delete_messages(self, conn: apsw.Connection, pk: int) -> None:
         """Delete a session's messages, their words, their citations, and the answers that held them."""
         conn.execute(rows.UNINDEX_SESSION, (pk,))
         conn.execute(rows.DELETE_CITATIONS, (pk,))
+        streams.drop_streams(conn, pk)
         conn.execute(rows.DELETE_MESSAGES, (pk,))
         conn.execute(rows.DELETE_ANSWERS, (pk,))
         self._erased = True
@@ -266,6 +305,7 @@ class SqliteSessionRepository:
                 raise SessionExists(session.id)
             head = Head(row[0], session, rows.head_size(*values[5:8]))
             tx.put_head((tenant, session.id), head)
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_CREATED))
             self._store_answer(tx, tenant, idempotency, head, [])
             return session
 
@@ -283,6 +323,7 @@ class SqliteSessionRepository:
             values = rows.session_values(tenant, session)
             (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
             tx.put_head(key, Head(pk, session, rows.head_size(*values[5:8])))
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_CREATED))
             return session, True
 
         result: tuple[Session, bool] = await self._write(change)
@@ -328,6 +369,7 @@ class SqliteSessionRepository:
             values = rows.update_values(head.pk, session)
             tx.conn.execute(rows.UPDATE_SESSION, values)
             tx.put_head(key, Head(head.pk, session, rows.head_size(*values[3:6])))
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_UPDATED))
             return session
 
         result: Session = await self._write(change)
@@ -339,6 +381,8 @@ class SqliteSessionRepository:
         def change(tx: Tx) -> None:
             head = self._head(tx, key, if_match)
             self._remove_session(tx, key, head.pk, expired=False)
+            forget_session(tx, tenant, session_id)
+            record_event(tx, ev.deleted_event(tenant, head.session))
 
         await self._write(change)
 
@@ -390,6 +434,7 @@ class SqliteSessionRepository:
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             new_head = head.moved(session)
             tx.put_head(key, new_head)
+            record_event(tx, ev.messages_event(tenant, session, added))
             self._store_answer(tx, tenant, idempotency, new_head, added)
             return session, added
 
@@ -449,6 +494,8 @@ class SqliteSessionRepository:
             session = after_clear(head.session, now=change_time(head.session))
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             tx.put_head(key, head.moved(session))
+            forget_session(tx, tenant, session_id)
+            record_event(tx, ev.session_event(tenant, session, ev.SESSION_CLEARED))
             return session
 
         result: Session = await self._write(change)
@@ -471,6 +518,8 @@ class SqliteSessionRepository:
             session = after_message_deleted(head.session, now=change_time(head.session))
             tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
             tx.put_head(key, head.moved(session))
+            tx.conn.execute(streams.END_STREAM, (head.pk, seq))
+            record_event(tx, ev.message_deleted_event(tenant, session, seq))
             return session
 
         result: Session = await self._write(change)
@@ -539,6 +588,145 @@ class SqliteSessionRepository:
 
         return citation_listing(await self._readers.run(read), limit)
 
+    # --- streamed messages -----------------------------------------------------------
+
+    def _change_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        if_match: Precondition | None,
+        idempotency: IdempotencyRequest | None,
+        edit: Any,
+        event: Any,
+    ) -> Any:
+        """A writer change that rewrites one message (`edit(message, now)`), steps the version, records `event`."""
+        key = (tenant, session_id)
+
+        def change(tx: Tx) -> tuple[Session, Message]:
+            head = self._head(tx, key, if_match)
+            rowid, message = streams.message_row(tx.conn, session_id, head.pk, seq)
+            now = change_time(head.session)
+            changed: Message = edit(message, now)
+            streams.rewrite_message(tx.conn, head.pk, rowid, changed)
+            if message.status is MessageStatus.in_progress and changed.status is not MessageStatus.in_progress:
+                self._index_message(tx.conn, tenant, session_id, head.pk, rowid, changed)
+            session = head.session.model_copy(update={"version": head.session.version + 1, "updated_at": now})
+            tx.conn.execute(rows.UPDATE_COUNTERS, rows.counter_values(head.pk, session))
+            new_head = head.moved(session)
+            tx.put_head(key, new_head)
+            record_event(tx, event(session, changed))
+            self._store_answer(tx, tenant, idempotency, new_head, [changed])
+            return session, changed
+
+        return change
+
+    async def append_delta(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        content: str,
+        *,
+        if_match: Precondition | None = None,
+        idempotency: IdempotencyRequest | None = None,
+    ) -> tuple[Session, Message]:
+        change = self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match,
+            idempotency,
+            lambda m, now: streaming.apply_delta(
+                session_id, m, content, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            lambda session, m: ev.delta_event(tenant, session, seq, content),
+        )
+        result: tuple[Session, Message] = await self._write(change, idempotency=idempotency, tenant=tenant)
+        return result
+
+    async def update_message(
+        self,
+        tenant: str,
+        session_id: str,
+        seq: int,
+        changes: dict[str, Any],
+        *,
+        if_match: Precondition | None = None,
+    ) -> tuple[Session, Message]:
+        change = self._change_message(
+            tenant,
+            session_id,
+            seq,
+            if_match,
+            None,
+            lambda m, now: streaming.apply_patch(
+                session_id, m, changes, now=now, max_content_bytes=self._max_content_bytes
+            ),
+            lambda session, m: ev.message_updated_event(tenant, session, m),
+        )
+        result: tuple[Session, Message] = await self._write(change)
+        return result
+
+    async def expire_idle_streams(self) -> int:
+        """Mark incomplete, each as a change with its event, up to PURGE_BATCH streamed messages left idle."""
+        before = to_us(utcnow()) - self._stream_idle_us
+        idle = await self._readers.run(lambda conn: streams.idle_streams(conn, before_us=before, limit=PURGE_BATCH))
+        expired = 0
+        for tenant, session_id, seq in idle:
+
+            def expire(message: Message, now: Any, session_id: str = session_id) -> Message:
+                # Checked again in the change: a delta may have come since the read.
+                if message.status is MessageStatus.in_progress and to_us(message.updated_at) >= before:
+                    raise _StillActive()
+                return streaming.expired(session_id, message, now=now)
+
+            change = self._change_message(
+                tenant,
+                session_id,
+                seq,
+                None,
+                None,
+                expire,
+                lambda session, m, tenant=tenant: ev.message_updated_event(tenant, session, m),
+            )
+            with contextlib.suppress(_StillActive, MessageNotFound, SessionNotFound, MessageNotInProgress):
+                await self._write(change)
+                expired += 1
+        return expired
+
+    async def _expire_streams(self) -> None:
+        while True:
+            await asyncio.sleep(self._stream_check_seconds)
+            try:
+                await self.expire_idle_streams()
+            except Exception:
+                log.warning("marking idle streamed messages incomplete failed; will retry", exc_info=True)
+
+    # --- change events ------------------------------------------------------------
+
+    async def read_session_events(self, tenant: str, session_id: str, *, after: int, limit: int) -> ev.SessionReplay:
+        return await self._readers.run(
+            lambda conn: read_session_events(conn, tenant, session_id, after=after, limit=limit)
+        )
+
+    async def read_tenant_events(
+        self, tenant: str, *, after: int | None, filters: ev.TenantFilter, limit: int
+    ) -> ev.TenantReplay:
+        return await self._readers.run(
+            lambda conn: read_tenant_events(conn, tenant, after=after, filters=filters, limit=limit)
+        )
+
+    async def prune_events(self) -> int:
+        """Delete up to PURGE_BATCH events older than the retention; return how many."""
+        cutoff = to_us(utcnow()) - self._events_retention_us
+
+        def change(tx: Tx) -> int:
+            return prune_events(tx, older_than_us=cutoff, batch=PURGE_BATCH)
+
+        deleted: int = await self._writer.submit(change)
+        return deleted
+
     # --- idempotency ------------------------------------------------------------
 
     async def idempotency_begin(self, tenant: str, key: str, fingerprint: str) -> StoredResponse | None:
@@ -591,6 +779,8 @@ class SqliteSessionRepository:
             await asyncio.sleep(self._purge_interval)
             try:
                 await self.purge()
+                while await self.prune_events() == PURGE_BATCH:
+                    pass
             except Exception:
                 log.warning("the purge of expired data failed; will retry", exc_info=True)
 
@@ -738,6 +928,11 @@ class SqliteSessionRepository:
         return await self._readers.run(read)
 
     async def aclose(self) -> None:
+        if self._stream_expiry is not None:
+            self._stream_expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stream_expiry
+            self._stream_expiry = None
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -126,6 +126,36 @@ MIGRATIONS: tuple[str, ...] = (
     -- A deleted message's words leave the full-text index at once (no tombstone keeps them).
     INSERT INTO message_words (message_words, rank) VALUES ('secure-delete', 1);
     """,
+    # 5 (issue 12): change events, written in the transaction of the change they describe,
+    # and the streamed messages' idle clock.
+    # AUTOINCREMENT: an id is never reused, and sqlite_sequence keeps the highest one ever
+    # given (the tenant feed's current position even when every event was pruned).
+    """
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant      TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        version     INTEGER NOT NULL,   -- the session's version after the change
+        type        TEXT NOT NULL,
+        data        TEXT NOT NULL,      -- one line of JSON, as the feeds send it
+        user_id     TEXT,               -- the session's links after the change (tenant-feed filters)
+        document_id TEXT,
+        section_id  TEXT,
+        created_at  INTEGER NOT NULL    -- microseconds since 1970-01-01 UTC (retention)
+    );
+    CREATE INDEX events_by_session ON events (tenant, session_id, version);
+    CREATE INDEX events_by_tenant ON events (tenant, id);
+    CREATE INDEX events_by_age ON events (created_at);
+
+    -- The streamed (in_progress) messages and when each last changed: the idle timeout's work list.
+    CREATE TABLE streams (
+        session_pk INTEGER NOT NULL,
+        seq        INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,     -- microseconds since 1970-01-01 UTC
+        PRIMARY KEY (session_pk, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX streams_idle ON streams (updated_at);
+    """,
 )
 
 

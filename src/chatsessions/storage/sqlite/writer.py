@@ -110,6 +110,7 @@ class Tx:
     conn: apsw.Connection
     heads: HeadCache
     touched: list[HeadKey] = field(default_factory=list)
+    events: list[Any] = field(default_factory=list)  # recorded by the changes; published after the commit
 
     def put_head(self, key: HeadKey, head: Head) -> None:
         self.touched.append(key)
@@ -152,8 +153,10 @@ class Writer:
         cache_sessions: int,
         cache_bytes: int,
         observer: StoreObserver,
+        on_commit: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self._connect = connect
+        self._on_commit = on_commit
         self._heads = HeadCache(max_heads=cache_sessions, max_bytes=cache_bytes)
         self._observer = observer
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
@@ -242,11 +245,15 @@ class Writer:
                     break
                 batch.append(job)
             self._observer.queue_depth(self._queue.qsize())
-            outcomes = self._outside(conn, first) if first.outside else self._commit(conn, batch)
+            events: list[Any] = []
+            if first.outside:
+                outcomes = self._outside(conn, first)
+            else:
+                outcomes, events = self._commit(conn, batch)
             loop = self._loop
             assert loop is not None
             try:
-                loop.call_soon_threadsafe(_deliver, batch, outcomes)
+                loop.call_soon_threadsafe(_deliver, batch, outcomes, events, self._on_commit)
             except RuntimeError:  # the loop is closed: nobody waits for these answers any more
                 log.warning("the event loop closed before %d answers could be delivered", len(batch))
 
@@ -255,10 +262,10 @@ class Writer:
             log.error("an fsync of the database failed: refusing writes until restart")
         self._failed = True
 
-    def _commit(self, conn: apsw.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
+    def _commit(self, conn: apsw.Connection, batch: list[_Job[Any]]) -> tuple[list[tuple[bool, Any]], list[Any]]:
         if self._failed:
             refusal = StorageFailed("an earlier sync of the disk failed; writes are refused until the service restarts")
-            return [(False, refusal)] * len(batch)
+            return [(False, refusal)] * len(batch), []
         started = time.perf_counter()
         tx = Tx(conn, self._heads)
         outcomes: list[tuple[bool, Any]] = []
@@ -278,8 +285,9 @@ class Writer:
             for key in tx.touched:
                 self._heads.drop(key)
             outcomes = [(False, error)] * len(batch)
+            tx.events.clear()
         self._observer.commit(changes=len(batch), seconds=time.perf_counter() - started)
-        return outcomes
+        return outcomes, tx.events
 
     def _outside(self, conn: apsw.Connection, job: _Job[Any]) -> list[tuple[bool, Any]]:
         try:
@@ -291,7 +299,7 @@ class Writer:
 
     def _run_one(self, tx: Tx, job: _Job[Any]) -> tuple[bool, Any]:
         conn = tx.conn
-        mark = len(tx.touched)
+        mark, events_mark = len(tx.touched), len(tx.events)
         conn.execute("SAVEPOINT change")
         try:
             value = job.change(tx)
@@ -301,12 +309,24 @@ class Writer:
             conn.execute("ROLLBACK TO change; RELEASE change")
             for key in tx.touched[mark:]:
                 self._heads.drop(key)
+            del tx.events[events_mark:]
             return False, exc
         conn.execute("RELEASE change")
         return True, value
 
 
-def _deliver(batch: list[_Job[Any]], outcomes: list[tuple[bool, Any]]) -> None:
+def _deliver(
+    batch: list[_Job[Any]],
+    outcomes: list[tuple[bool, Any]],
+    events: list[Any],
+    on_commit: Callable[[list[Any]], None] | None,
+) -> None:
+    # Events first: a subscriber that reads the change's answer may already see its event.
+    if events and on_commit is not None:
+        try:
+            on_commit(events)
+        except Exception:
+            log.exception("publishing %d committed events failed", len(events))
     for job, (ok, value) in zip(batch, outcomes, strict=True):
         if job.future.done():  # the caller was cancelled; the change committed all the same
             continue
