@@ -184,6 +184,11 @@ async def test_indexes_serve_every_listing_filter_and_message_paging(
         "INSERT INTO idempotency_keys (tenant, key, fingerprint, status, body, headers, expires_at, session_id)"
         " SELECT 't' || (g % 3), 'k' || g, 'f', 201, '', '{}', now(), 's' || g FROM generate_series(1, 20000) g"
     )
+    # Recorded events, as the change feeds keep them (they go with their session too).
+    await admin.execute(
+        "INSERT INTO events (id, tenant, session_id, version, type, data)"
+        " SELECT g, 't' || (g % 3), 's' || g, 1, 'session.created', '{}' FROM generate_series(1, 20000) g"
+    )
     await admin.execute("ANALYZE")
 
     cursor = SessionCursor(updated_at=(await admin.fetchval("SELECT now() - interval '1 hour'")), id="s100")

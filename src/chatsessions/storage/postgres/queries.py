@@ -166,11 +166,13 @@ WITH gone AS (
     DELETE FROM sessions WHERE tenant = $1 AND user_id = $2 AND ($3::text IS NULL OR document_id = $3)
     RETURNING id
 ),
-answers AS (DELETE FROM idempotency_keys k WHERE k.session_id = ANY(ARRAY(SELECT id FROM gone)) AND k.tenant = $1)
+answers AS (DELETE FROM idempotency_keys k WHERE k.session_id = ANY(ARRAY(SELECT id FROM gone)) AND k.tenant = $1),
+recorded AS (DELETE FROM events e WHERE e.tenant = $1 AND e.session_id = ANY(ARRAY(SELECT id FROM gone)))
 SELECT count(*) FROM gone
 """
 # The sweeper: up to $1 expired sessions (any tenant), rows other replicas are busy with skipped;
-# messages and citations go by cascade, stored answers here. Answers how many went.
+# messages and citations go by cascade, stored answers and recorded events (they hold the
+# content) here. Answers how many went.
 _PURGE = """
 WITH doomed AS (
     SELECT tenant, id FROM sessions WHERE {expired} LIMIT $1 FOR UPDATE SKIP LOCKED
@@ -181,6 +183,11 @@ gone AS (
 answers AS (
     DELETE FROM idempotency_keys k
     WHERE k.session_id = ANY(ARRAY(SELECT id FROM gone)) AND (k.tenant, k.session_id) IN (SELECT tenant, id FROM gone)
+),
+recorded AS (
+    DELETE FROM events e
+    WHERE e.tenant = ANY(ARRAY(SELECT tenant FROM gone)) AND e.session_id = ANY(ARRAY(SELECT id FROM gone))
+      AND (e.tenant, e.session_id) IN (SELECT tenant, id FROM gone)
 )
 SELECT count(*) FROM gone
 """

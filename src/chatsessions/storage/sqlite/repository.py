@@ -222,12 +222,17 @@ class SqliteSessionRepository:
         if head is not None and self._retention.expired(head.session, utcnow()):
             self._remove_session(tx, key, head.pk, expired=True)
 
-    def _remove_session(self, tx: Tx, key: HeadKey, pk: int, *, expired: bool) -> None:
+    def _remove_session(self, tx: Tx, key: HeadKey, pk: int, *, expired: bool, announce: bool = True) -> None:
         """Delete a session with everything that held its content, in the caller's transaction.
 
         The one place where a session's deletion is recorded (deleted, erased, expired or
-        replaced by an import): a change feed hooks its `session.deleted` event in here.
+        replaced by an import): its recorded events go (they hold its content), and, unless
+        an import replaces it, a `session.deleted` event ends its feed.
         """
+        head = self._any_head(tx, key) if announce else None
+        forget_session(tx, *key)
+        if head is not None:
+            record_event(tx, ev.deleted_event(key[0], head.session))
         self._delete_messages(tx.conn, pk)
         tx.conn.execute(rows.DELETE_ANSWERS, (pk,))
         tx.conn.execute(rows.DELETE_SESSION, (pk,))
@@ -381,8 +386,6 @@ class SqliteSessionRepository:
         def change(tx: Tx) -> None:
             head = self._head(tx, key, if_match)
             self._remove_session(tx, key, head.pk, expired=False)
-            forget_session(tx, tenant, session_id)
-            record_event(tx, ev.deleted_event(tenant, head.session))
 
         await self._write(change)
 
@@ -892,7 +895,7 @@ class SqliteSessionRepository:
             if head is not None:
                 if not replace:
                     return ImportOutcome.skipped
-                self._remove_session(tx, key, head.pk, expired=False)
+                self._remove_session(tx, key, head.pk, expired=False, announce=False)
                 outcome = ImportOutcome.replaced
             (pk,) = next(tx.conn.execute(rows.INSERT_SESSION, values))
             self._insert_messages(tx.conn, tenant, session.id, pk, messages)
