@@ -114,19 +114,6 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
     ),
     Migration(
-        3,
-        "retention and erasure",
-        """
-        ALTER TABLE sessions ADD COLUMN expires_at timestamptz, ADD COLUMN pinned boolean NOT NULL DEFAULT false;
-        -- The sweeper finds expired sessions through these, without a scan.
-        CREATE INDEX sessions_expiry ON sessions (expires_at) WHERE expires_at IS NOT NULL;
-        CREATE INDEX sessions_idle ON sessions (updated_at) WHERE NOT pinned;
-        -- Which session's content a stored answer may hold: erasing the session erases it too.
-        ALTER TABLE idempotency_keys ADD COLUMN session_id text COLLATE "C";
-        CREATE INDEX idempotency_keys_session ON idempotency_keys (session_id, tenant) WHERE session_id IS NOT NULL;
-        """,
-    ),
-    Migration(
         4,
         "change events",
         """

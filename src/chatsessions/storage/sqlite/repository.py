@@ -237,7 +237,6 @@ class SqliteSessionRepository:
         tx.conn.execute(rows.DELETE_ANSWERS, (pk,))
         tx.conn.execute(rows.DELETE_SESSION, (pk,))
         tx.drop_head(key)
-        forget_session(tx, key[0], key[1])  # its recorded events hold its content too
         self._erased = True
 
     def _store_answer(
