@@ -1,5 +1,6 @@
 """Routes under /v1/sessions/{id}/messages: page, read, clear (the appends are in `api.appends`)."""
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -11,6 +12,25 @@ from chatsessions.api.problems import problem_responses, success_doc
 from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.models import Message, MessagePage, MessageQuery, Order
+
+# A page may hold megabytes (CHATSESSIONS_MAX_PAGE_BYTES): serialising it in one call would hold
+# the event loop (and every append waiting on it) for tens of milliseconds.
+_YIELD_EVERY_BYTES = 256 * 1024
+
+
+async def render_page(items: list[Message], more: bool) -> bytes:
+    """`MessagePage(items=items, has_more=more).model_dump_json()`, byte for byte, letting the loop run
+    between messages once every `_YIELD_EVERY_BYTES`."""
+    parts: list[bytes] = []
+    pending = 0
+    for message in items:
+        part = message.model_dump_json().encode()
+        parts.append(part)
+        pending += len(part)
+        if pending >= _YIELD_EVERY_BYTES:
+            pending = 0
+            await asyncio.sleep(0)
+    return b'{"items":[' + b",".join(parts) + b'],"has_more":' + (b"true" if more else b"false") + b"}"
 
 
 def build_messages_router(settings: Settings) -> APIRouter:
@@ -30,7 +50,7 @@ def build_messages_router(settings: Settings) -> APIRouter:
         items, more = await repository.list_messages(
             tenant, session_id, MessageQuery(after=after, before=before, limit=limit, order=order)
         )
-        return Response(MessagePage(items=items, has_more=more).model_dump_json(), media_type="application/json")
+        return Response(await render_page(items, more), media_type="application/json")
 
     @router.get("/{seq}", response_model=Message, responses=problem_responses(404, 422, 503))
     async def get_message(
