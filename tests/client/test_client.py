@@ -179,3 +179,15 @@ async def test_wrong_or_missing_key_is_unauthorized_and_a_key_works(tmp_path: Pa
             AsyncChatSessions(http=http, api_key=key) as chats,
         ):
             assert (await chats.create_session(id="s")).id == "s"
+
+
+async def test_delete_one_message(chats: AsyncChatSessions) -> None:
+    session = await chats.create_session(id="s")
+    await chats.append_messages("s", [{"role": "user", "content": c} for c in ("a", "b", "c")])
+    with pytest.raises(PreconditionFailed):
+        await chats.delete_message("s", 2, if_match=session)
+    await chats.delete_message("s", 2)
+    assert [m.seq async for m in chats.iter_messages("s")] == [1, 3]
+    assert await chats.get_message("s", 2) is None
+    with pytest.raises(NotFound):
+        await chats.delete_message("s", 2)

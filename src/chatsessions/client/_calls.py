@@ -285,6 +285,11 @@ def get_message(session_id: str, seq: int) -> Call[Message | None]:
     return Call("GET", f"{_session_path(session_id)}/messages/{seq}", message_or_none, ok=(200, 404))
 
 
+def delete_message(session_id: str, seq: int, if_match: IfMatch) -> Call[None]:
+    path = f"{_session_path(session_id)}/messages/{seq}"
+    return Call("DELETE", path, _nothing, headers=_headers(if_match=if_match))
+
+
 def clear_messages(session_id: str, if_match: IfMatch) -> Call[None]:
     return Call("DELETE", f"{_session_path(session_id)}/messages", _nothing, headers=_headers(if_match=if_match))
 

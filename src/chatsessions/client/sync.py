@@ -237,6 +237,10 @@ class ChatSessions:
         """The message at `seq`, or None when there is none (NotFound when the session is missing)."""
         return self._send(_calls.get_message(session_id, seq))
 
+    def delete_message(self, session_id: str, seq: int, *, if_match: IfMatch = None) -> None:
+        """Delete one message (its seq is never reused); NotFound when there is no such message."""
+        self._send(_calls.delete_message(session_id, seq, if_match))
+
     def clear_messages(self, session_id: str, *, if_match: IfMatch = None) -> None:
         """Delete every message, keep the session (its seqs are never reused)."""
         self._send(_calls.clear_messages(session_id, if_match))

@@ -15,9 +15,9 @@ LlamaIndex dumps it. `additional_kwargs["tool_calls"]` (OpenAI's shape, as
 LlamaIndex's OpenAI integration keeps them), `tool_call_id` and `name` are the
 message's own fields; other `additional_kwargs` go under `metadata["llamaindex"]`.
 
-`delete_message` and `delete_last_message` rewrite the history (clear, then
-append the rest, the clear guarded by the version just read); the seqs of the
-messages kept change.
+`delete_message(key, idx)` deletes the idx-th message of the history by its seq
+(guarded by the session version it read, so a concurrent change is a
+PreconditionFailed rather than the wrong message gone).
 """
 
 from __future__ import annotations
@@ -109,11 +109,8 @@ class ChatSessionsChatStore(BaseChatStore):
         stored = self._stored(key)
         if not 0 <= idx < len(stored):
             return None
-        removed = stored.pop(idx)
-        self.client.clear_messages(key, if_match=session)
-        if stored:
-            self.client.append_messages(key, [_again(m) for m in stored])
-        return to_llamaindex(removed)
+        self.client.delete_message(key, stored[idx].seq, if_match=session)
+        return to_llamaindex(stored[idx])
 
     def delete_last_message(self, key: str) -> ChatMessage | None:
         count = len(self._stored(key))
@@ -162,11 +159,8 @@ class ChatSessionsChatStore(BaseChatStore):
         stored = await self._astored(key)
         if not 0 <= idx < len(stored):
             return None
-        removed = stored.pop(idx)
-        await self.async_client.clear_messages(key, if_match=session)
-        if stored:
-            await self.async_client.append_messages(key, [_again(m) for m in stored])
-        return to_llamaindex(removed)
+        await self.async_client.delete_message(key, stored[idx].seq, if_match=session)
+        return to_llamaindex(stored[idx])
 
     async def adelete_last_message(self, key: str) -> ChatMessage | None:
         count = len(await self._astored(key))
@@ -219,11 +213,6 @@ def to_llamaindex(message: Message) -> ChatMessage:
         kwargs["name"] = message.name
     role = MessageRole(extra.get("role", message.role.value))
     return ChatMessage(role=role, blocks=_blocks_in(message.content), additional_kwargs=kwargs)
-
-
-def _again(message: Message) -> MessageCreate:
-    """A stored message as the same message to append again."""
-    return MessageCreate.model_validate(message.model_dump(mode="json", include=set(MessageCreate.model_fields)))
 
 
 def _plain(call: Any) -> Any:
