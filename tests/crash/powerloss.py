@@ -120,6 +120,8 @@ SCRIPT: list[Step] = [
 ]
 SESSION_IDS = sorted({step.sid for step in SCRIPT if step.sid})
 KEYS = sorted({step.key for step in SCRIPT if step.key})
+# Erasure: a clear or a delete of a session drops the stored answers that may hold its content.
+KEY_SESSION = {step.key: step.sid for step in SCRIPT if step.key}
 
 
 def apply(state: State, step: Step) -> State:
@@ -127,6 +129,8 @@ def apply(state: State, step: Step) -> State:
     sessions = dict(state.sessions)
     answers = state.answers
     current = sessions.get(step.sid)
+    if step.kind in ("clear", "delete"):
+        answers = frozenset(key for key in answers if KEY_SESSION[key] != step.sid)
     if step.kind == "create":
         sessions[step.sid] = SessionState(1, 0, step.title, ())
     elif step.kind == "delete":

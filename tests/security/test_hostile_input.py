@@ -413,13 +413,13 @@ async def test_huge_bodies_are_413(tmp_path: Path) -> None:
 async def test_wrong_methods_get_405_listing_every_method_of_the_resource(target: Target) -> None:
     client, auth = target.app.client, target.auth
     cases = {
-        ("OPTIONS", "/v1/sessions"): "GET, POST",
-        ("DELETE", "/v1/sessions"): "GET, POST",
+        ("OPTIONS", "/v1/sessions"): "DELETE, GET, POST",
+        ("PATCH", "/v1/sessions"): "DELETE, GET, POST",
         ("POST", "/v1/sessions/s1"): "DELETE, GET, PATCH, PUT",
         ("GET", "/v1/sessions/s1/messages/batch"): "POST",
         ("DELETE", "/v1/sessions/s1/messages/batch"): "POST",
         ("OPTIONS", "/v1/sessions/s1/messages/batch"): "POST",
-        ("PUT", "/v1/sessions/s1/messages/1"): "GET",
+        ("PUT", "/v1/sessions/s1/messages/1"): "DELETE, GET",
     }
     for (method, path), allow in cases.items():
         response = await client.request(method, path, headers=auth)
