@@ -16,6 +16,7 @@ from chatsessions.api.access import AccessMiddleware
 from chatsessions.api.appends import append_routes
 from chatsessions.api.auth import BearerAuthMiddleware
 from chatsessions.api.citations import build_citations_router
+from chatsessions.api.creates import create_routes
 from chatsessions.api.docs import install_docs
 from chatsessions.api.logs import configure_logging
 from chatsessions.api.messages import build_messages_router
@@ -136,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AccessMiddleware)
     app.add_middleware(StartupRefusalMiddleware)  # outermost: sees the lifespan's own failure
     # The hot path first, before even /openapi.json: the router tries routes in order.
-    app.router.routes[0:0] = append_routes()
+    app.router.routes[0:0] = [*append_routes(), *create_routes()]
     app.include_router(build_sessions_router(resolved))
     app.include_router(build_messages_router(resolved))
     app.include_router(build_search_router(resolved))

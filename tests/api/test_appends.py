@@ -18,6 +18,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from chatsessions.api.appends import append_routes
+from chatsessions.api.creates import create_routes
 from chatsessions.api.problems import install_problem_handlers
 from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
@@ -63,6 +64,18 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
     ("bad batch item", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": [GOOD, {}]}).encode()),
     ("batch of 101", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": [GOOD] * 101}).encode()),
     ("batch not a list", "/v1/sessions/s/messages/batch", JSON, json.dumps({"messages": GOOD}).encode()),
+    # The lean create (`api.creates`).
+    ("create: form body", "/v1/sessions", {"content-type": "text/plain"}, b"id=x"),
+    ("create: body without a type", "/v1/sessions", {}, b'{"id": "x"}'),
+    ("create: malformed JSON", "/v1/sessions", JSON, b'{"id": '),
+    ("create: not an object", "/v1/sessions", JSON, b"[1]"),
+    ("create: a string", "/v1/sessions", JSON, b'"x"'),
+    ("create: bad id", "/v1/sessions", JSON, json.dumps({"id": "a.b"}).encode()),
+    ("create: server-owned field", "/v1/sessions", JSON, json.dumps({"version": 3}).encode()),
+    ("create: bad settings", "/v1/sessions", JSON, json.dumps({"settings": {"model": 5}}).encode()),
+    ("create: NaN", "/v1/sessions", JSON, b'{"metadata": {"a": NaN}}'),
+    ("create: empty key", "/v1/sessions", {**JSON, "idempotency-key": ""}, b"{}"),
+    ("create: bad key and body", "/v1/sessions", {**JSON, "idempotency-key": "k" * 300}, b'{"title": 1}'),
 ]
 
 
@@ -83,7 +96,7 @@ async def reference() -> AsyncIterator[httpx.AsyncClient]:
     """FastAPI itself serving the same endpoints on plain routes, with the service's problem handlers."""
     app = FastAPI()
     install_problem_handlers(app)
-    for lean in append_routes():
+    for lean in [*append_routes(), *create_routes()]:
         app.router.routes.append(
             JSONRoute(
                 lean.path,
@@ -109,6 +122,8 @@ async def test_lean_routes_refuse_bad_input_as_fastapi_would(settings: Settings,
             if _essence(served) != _essence(expected):
                 failures.append(f"{label}: lean {_essence(served)} != FastAPI {_essence(expected)}")
         assert await snapshot(app.client, "s") == before
+        listing = await app.client.get("/v1/sessions")
+        assert [session["id"] for session in listing.json()["items"]] == ["s"]  # no create got through
     assert not failures, "\n".join(failures)
 
 

@@ -94,7 +94,8 @@ async def append_messages(
     raise NotImplementedError("served by AppendHandler")
 
 
-def _issues(exc: ValidationError, *loc: str) -> list[dict[str, Any]]:
+def validation_issues(exc: ValidationError, *loc: str) -> list[dict[str, Any]]:
+    """FastAPI's issues of a failed validation, under `loc`."""
     return [{**issue, "loc": (*loc, *issue["loc"])} for issue in exc.errors(include_url=False)]
 
 
@@ -152,19 +153,19 @@ class AppendHandler:
             try:
                 _SESSION_ID.validate_python(session_id)  # for FastAPI's error, word for word
             except ValidationError as exc:
-                issues += _issues(exc, "path", "session_id")
+                issues += validation_issues(exc, "path", "session_id")
         if_match: str | None = None
         if (raw_if_match := headers.get(b"if-match")) is not None:
             try:
                 if_match = _IF_MATCH.validate_python(raw_if_match.decode("latin-1"))
             except ValidationError as exc:
-                issues += _issues(exc, "header", "if-match")
+                issues += validation_issues(exc, "header", "if-match")
         key: str | None = None
         if (raw_key := headers.get(b"idempotency-key")) is not None:
             try:
                 key = _IDEMPOTENCY_KEY.validate_python(raw_key.decode("latin-1"))
             except ValidationError as exc:
-                issues += _issues(exc, "header", "idempotency-key")
+                issues += validation_issues(exc, "header", "idempotency-key")
         parsed: Any = None
         if value is NO_BODY:
             issues.append({"type": "missing", "loc": ("body",), "msg": "Field required", "input": None})
@@ -172,7 +173,7 @@ class AppendHandler:
             try:
                 parsed = self.body.model_validate(value, from_attributes=True)  # as FastAPI validates
             except ValidationError as exc:
-                issues += _issues(exc, "body")
+                issues += validation_issues(exc, "body")
         if issues:
             raise RequestValidationError(issues, body=None if value is NO_BODY else value)
 

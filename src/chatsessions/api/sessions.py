@@ -6,20 +6,19 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query
 from starlette.responses import Response
 
 from chatsessions.api.deps import IfMatchDep, RepositoryDep, SettingsDep, TenantDep
-from chatsessions.api.idempotency import run_idempotent, stored_to_response
+from chatsessions.api.idempotency import stored_to_response
 from chatsessions.api.limits import check_session_fields
-from chatsessions.api.params import CursorQuery, FilterQuery, IdempotencyKeyHeader, SessionIdPath
+from chatsessions.api.params import CursorQuery, FilterQuery, SessionIdPath
 from chatsessions.api.problems import problem_responses, success_doc
 from chatsessions.api.routing import JSONRoute
 from chatsessions.config import Settings
 from chatsessions.errors import InvalidInput, SessionNotFound
 from chatsessions.models import (
     DeletedCount,
-    IdempotencyRequest,
     Message,
     Session,
     SessionCreate,
@@ -66,41 +65,6 @@ def decode_cursor(token: str) -> SessionCursor:
 
 def build_sessions_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/v1/sessions", tags=["sessions"], route_class=JSONRoute)
-
-    @router.post(
-        "",
-        status_code=201,
-        response_model=Session,
-        responses={
-            201: success_doc("Created", "Location", "ETag", "Idempotent-Replayed"),
-            **problem_responses(400, 409, 413, 415, 422, 503, 507),
-        },
-    )
-    async def create_session(
-        request: Request,
-        repository: RepositoryDep,
-        tenant: TenantDep,
-        settings: SettingsDep,
-        idempotency_key: IdempotencyKeyHeader = None,
-        body: Annotated[SessionCreate | None, Body()] = None,
-    ) -> Response:
-        """Create a session."""
-        data = body or SessionCreate()
-        check_session_fields(data, settings)
-
-        async def action(idempotency: IdempotencyRequest | None) -> StoredResponse:
-            session = await repository.create_session(tenant, data, idempotency=idempotency)
-            return render_created(session, [])
-
-        answer = await run_idempotent(
-            repository=repository,
-            tenant=tenant,
-            key=idempotency_key,
-            request=(request.method, request.scope["path"], await request.body()),
-            render=render_created,
-            action=action,
-        )
-        return answer.response()
 
     @router.put(
         "/{session_id}",
