@@ -208,6 +208,9 @@ class PostgresSessionRepository:
             "application_name": application_name(schema),
             # Every query's "not expired" condition reads the idle rule from here.
             q.IDLE_SETTING: "" if idle is None else repr(float(idle)),
+            # Our statements are short index lookups: JIT only slows them, and asyncpg's type
+            # introspection query on a large catalog took over the statement timeout with it.
+            "jit": "off",
         }
         with translate_errors():
             await migrate(dsn, schema=schema, connect_timeout=timeout)
