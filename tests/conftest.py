@@ -33,6 +33,9 @@ def make_settings(store: str, tmp_path: Path, **overrides: object) -> Settings:
     if store == "postgres":
         values["postgres_dsn"] = postgres_dsn()
         values["postgres_schema"] = f"test_{uuid.uuid4().hex[:12]}"
+        # A shared CI machine can stall a statement for seconds (first-use type introspection on a
+        # catalog that hundreds of test schemas have churned); the product default stays 5 s.
+        values["postgres_timeout_seconds"] = 30.0
     values.update(overrides)
     return Settings.model_validate(values)
 
